@@ -1,0 +1,8 @@
+"""lightning-maml: MAML-family meta-learning for PyTorch Lightning."""
+
+from lightning_maml.episode import Episode
+from lightning_maml.functional import meta_loss
+from lightning_maml.maml import MAML
+
+__all__ = ["MAML", "Episode", "meta_loss"]
+__version__ = "0.1.0"

@@ -1,0 +1,500 @@
+"""Pure meta-gradient functions: the inner-loop update and the MAML-family meta-loss.
+
+Everything in this module is a function of a parameter dict. The network is only ever run through
+:func:`torch.func.functional_call`, so no module is copied or modified (apart from the temporary
+BatchNorm mode described in :func:`task_batch_norm`).
+
+The inner-loop update is :func:`sgd_step`; it is the single definition used by the
+:class:`~lightning_maml.MAML` wrapper, :class:`~lightning_maml.MAMLModule`, the callbacks and the
+benchmarks.
+
+Example::
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from lightning_maml.functional import meta_loss
+    >>> net = nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 1))
+    >>> sx, sy, qx, qy = (torch.randn(4, 10, 1) for _ in range(4))   # 4 tasks, 10 shots each
+    >>> out = meta_loss(net, "mse", sx, sy, qx, qy, inner_lr=0.01, inner_steps=1)
+    >>> out.loss.backward()      # meta-gradient now in net's .grad
+    >>> out.query_losses.shape
+    torch.Size([4])
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+import weakref
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+
+__all__ = [
+    "ALGORITHMS",
+    "VECTORIZE_MODES",
+    "MetaLossOutput",
+    "adapt_parameters",
+    "check_episode",
+    "check_inner_lr",
+    "check_inner_steps",
+    "cross_entropy_loss",
+    "meta_loss",
+    "mse_loss",
+    "resolve_loss",
+    "sgd_step",
+    "split_parameters",
+    "task_batch_norm",
+    "uses_vmap",
+]
+
+Algorithm = Literal["maml", "fomaml", "reptile"]
+Vectorize = Literal["auto", "vmap", "loop"]
+LossFn = Callable[[Tensor, Tensor], Tensor]
+ALGORITHMS: tuple[str, ...] = ("maml", "fomaml", "reptile")
+VECTORIZE_MODES: tuple[str, ...] = ("auto", "vmap", "loop")
+
+# Normalisation layers whose second derivative torch computes wrongly under vmap (checked against
+# float64 finite differences with torch 2.13): second-order MAML runs them with the per-task loop.
+_VMAP_SECOND_ORDER_UNSAFE = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.LayerNorm,
+)
+# Networks on which vmap raised once in "auto" mode; they use the loop from then on.
+_VMAP_FAILED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+class MetaLossOutput(NamedTuple):
+    """What :func:`meta_loss` returns for a batch of ``T`` tasks.
+
+    Attributes:
+        loss: scalar; its gradient w.r.t. the initial parameters is the meta-gradient (the mean over
+            tasks). For ``"reptile"`` it is a surrogate whose gradient is the mean of
+            ``initial - adapted``, not a loss value.
+        query_losses: ``[T]`` query loss of each task after adaptation (detached).
+        query_predictions: ``[T, Q, ...]`` network outputs on the query set after adaptation
+            (detached).
+        initial_query_losses: ``[T]`` query loss before adaptation (detached), or ``None`` when
+            not requested.
+        vectorized: whether the tasks ran under :func:`torch.func.vmap`.
+    """
+
+    loss: Tensor
+    query_losses: Tensor
+    query_predictions: Tensor
+    initial_query_losses: Tensor | None
+    vectorized: bool
+
+
+def sgd_step(
+    params: Mapping[str, Tensor], grads: Mapping[str, Tensor | None], lr: float | Tensor
+) -> dict[str, Tensor]:
+    """One inner-loop update ``p - lr * g``; a parameter whose gradient is ``None`` is unchanged.
+
+    Example::
+
+        >>> import torch
+        >>> sgd_step({"w": torch.tensor(1.0)}, {"w": torch.tensor(2.0)}, lr=0.5)
+        {'w': tensor(0.)}
+    """
+    return {
+        name: p if grads.get(name) is None else p - lr * grads[name] for name, p in params.items()
+    }
+
+
+def check_inner_lr(value: object, name: str = "inner_lr") -> float:
+    """Return ``value`` as a float, or raise naming ``name`` if it is not a finite real number."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"`{name}` must be a finite real number, got {value!r}")
+    if not math.isfinite(float(value)):
+        raise ValueError(f"`{name}` must be a finite real number, got {value!r}")
+    return float(value)
+
+
+def check_inner_steps(value: object, name: str = "inner_steps") -> int:
+    """Return ``value`` if it is an int >= 0, else raise naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"`{name}` must be an integer >= 0, got {value!r}")
+    if value < 0:
+        raise ValueError(f"`{name}` must be an integer >= 0, got {value!r}")
+    return int(value)
+
+
+def check_episode(support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor) -> None:
+    """Check that a batch of tasks is consistently shaped, naming the offending argument.
+
+    Every tensor carries a leading task dimension ``T`` and then an example dimension: ``support_x``
+    is ``[T, K, *features]``, ``support_y`` is ``[T, K, *targets]``, and the query set likewise with
+    ``Q`` examples and the same feature and target shapes.
+    """
+    tensors = {
+        "support_x": support_x,
+        "support_y": support_y,
+        "query_x": query_x,
+        "query_y": query_y,
+    }
+    for name, t in tensors.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"`{name}` must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() < 2:
+            raise ValueError(
+                f"`{name}` must have a leading task dimension and an example dimension "
+                f"([tasks, examples, ...]), got shape {tuple(t.shape)}"
+            )
+    n_tasks = support_x.shape[0]
+    for name, t in tensors.items():
+        if t.shape[0] != n_tasks:
+            raise ValueError(
+                f"`{name}` has {t.shape[0]} tasks but `support_x` has {n_tasks}; every tensor of a "
+                f"meta-batch needs the same leading task dimension"
+            )
+    if n_tasks < 1:
+        raise ValueError("a meta-batch needs at least one task, got `support_x` with 0 tasks")
+    for x, y in (("support_x", "support_y"), ("query_x", "query_y")):
+        if tensors[x].shape[1] != tensors[y].shape[1]:
+            raise ValueError(
+                f"`{x}` has {tensors[x].shape[1]} examples per task but `{y}` has "
+                f"{tensors[y].shape[1]}; they must match"
+            )
+    if query_x.shape[1] < 1:
+        raise ValueError(f"`query_x` needs at least one example per task, got {query_x.shape[1]}")
+    if support_x.shape[2:] != query_x.shape[2:]:
+        raise ValueError(
+            f"`support_x` examples have shape {tuple(support_x.shape[2:])} but `query_x` examples "
+            f"have shape {tuple(query_x.shape[2:])}; they must match"
+        )
+    if support_y.shape[2:] != query_y.shape[2:]:
+        raise ValueError(
+            f"`support_y` targets have shape {tuple(support_y.shape[2:])} but `query_y` targets "
+            f"have shape {tuple(query_y.shape[2:])}; they must match"
+        )
+
+
+def mse_loss(prediction: Tensor, target: Tensor) -> Tensor:
+    """Mean squared error that refuses to broadcast a prediction of the wrong shape.
+
+    Example::
+
+        >>> import torch
+        >>> mse_loss(torch.zeros(3, 1), torch.ones(3, 1))
+        tensor(1.)
+    """
+    if prediction.shape != target.shape:
+        raise ValueError(
+            f"loss 'mse' needs the network output to have the target's shape: got output shape "
+            f"{tuple(prediction.shape)} for target shape {tuple(target.shape)}"
+        )
+    return F.mse_loss(prediction, target)
+
+
+def cross_entropy_loss(logits: Tensor, target: Tensor) -> Tensor:
+    """Cross-entropy over class dimension 1 that checks the logits fit the integer targets.
+
+    Example::
+
+        >>> import torch
+        >>> round(cross_entropy_loss(torch.zeros(2, 4), torch.tensor([0, 3])).item(), 4)
+        1.3863
+    """
+    if target.is_floating_point():
+        ok = logits.shape == target.shape
+    else:
+        ok = logits.dim() == target.dim() + 1 and (
+            logits.shape[:1] + logits.shape[2:] == target.shape
+        )
+    if not ok:
+        raise ValueError(
+            f"loss 'cross_entropy' needs logits [N, C, ...] for class-index targets [N, ...] (or "
+            f"probabilities of the logits' shape): got output shape {tuple(logits.shape)} for "
+            f"target shape {tuple(target.shape)}"
+        )
+    return F.cross_entropy(logits, target)
+
+
+_LOSSES: dict[str, LossFn] = {"mse": mse_loss, "cross_entropy": cross_entropy_loss}
+
+
+def resolve_loss(loss: str | LossFn) -> LossFn:
+    """Turn ``"mse"``, ``"cross_entropy"`` or a callable ``(prediction, target) -> scalar`` into a
+    loss function."""
+    if isinstance(loss, str):
+        if loss not in _LOSSES:
+            raise ValueError(f"`loss` must be one of {sorted(_LOSSES)} or a callable, got {loss!r}")
+        return _LOSSES[loss]
+    if not callable(loss):
+        raise TypeError(f"`loss` must be one of {sorted(_LOSSES)} or a callable, got {loss!r}")
+    return loss
+
+
+def split_parameters(net: nn.Module) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Split a network's state into ``(trainable, constants)``.
+
+    ``trainable`` holds the parameters that require grad (the ones the inner loop adapts);
+    ``constants`` holds frozen parameters and buffers, passed through unchanged.
+    """
+    trainable, constants = {}, {}
+    for name, p in net.named_parameters():
+        (trainable if p.requires_grad else constants)[name] = p
+    constants.update(dict(net.named_buffers()))
+    return trainable, constants
+
+
+@contextmanager
+def task_batch_norm(net: nn.Module) -> Iterator[None]:
+    """Within the block, every BatchNorm layer of ``net`` normalises with the statistics of the
+    batch it is given and leaves its running statistics untouched.
+
+    This is the convention of MAML papers (Finn et al. 2017 and its reference code): each task's
+    support and query sets are normalised with their own statistics, in training and in evaluation
+    alike, and no statistics leak from one task to another. The layers' flags are restored on exit.
+    """
+    saved = []
+    for module in net.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            saved.append((module, module.training, module.track_running_stats))
+            module.training = True
+            module.track_running_stats = False
+    try:
+        yield
+    finally:
+        for module, training, track in saved:
+            module.training = training
+            module.track_running_stats = track
+
+
+def _scalar_loss(loss_fn: LossFn, prediction: Tensor, target: Tensor) -> Tensor:
+    loss = loss_fn(prediction, target)
+    if not isinstance(loss, Tensor) or loss.dim() != 0:
+        shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+        raise ValueError(
+            f"the loss function must return a scalar tensor (reduce over examples), got {shape}"
+        )
+    return loss
+
+
+def adapt_parameters(
+    net: nn.Module,
+    params: Mapping[str, Tensor],
+    constants: Mapping[str, Tensor],
+    loss_fn: LossFn,
+    support_x: Tensor,
+    support_y: Tensor,
+    inner_lr: float,
+    inner_steps: int,
+    first_order: bool = False,
+) -> dict[str, Tensor]:
+    """Run ``inner_steps`` of :func:`sgd_step` on one task's support set and return the adapted
+    parameters.
+
+    With ``first_order=False`` the result stays differentiable through every inner step (second
+    order). With ``first_order=True`` the inner gradients are treated as constants, so the adapted
+    parameters depend on ``params`` through the identity only.
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Linear(1, 1)
+        >>> params = dict(net.named_parameters())
+        >>> x, y = torch.randn(5, 1), torch.randn(5, 1)
+        >>> adapted = adapt_parameters(net, params, {}, mse_loss, x, y, 0.1, 3)
+        >>> sorted(adapted)
+        ['bias', 'weight']
+    """
+
+    def support_loss(p: dict[str, Tensor]) -> Tensor:
+        return _scalar_loss(
+            loss_fn, functional_call(net, (p, dict(constants)), (support_x,)), support_y
+        )
+
+    if first_order:
+        start = {name: p.detach() for name, p in params.items()}
+        adapted = start
+        for _ in range(inner_steps):
+            adapted = sgd_step(adapted, torch.func.grad(support_loss)(adapted), inner_lr)
+        # d adapted / d params is the identity: params plus a constant displacement
+        return {name: p + (adapted[name] - start[name]) for name, p in params.items()}
+    adapted = dict(params)
+    for _ in range(inner_steps):
+        adapted = sgd_step(adapted, torch.func.grad(support_loss)(adapted), inner_lr)
+    return adapted
+
+
+def _task_meta_loss(
+    net: nn.Module,
+    loss_fn: LossFn,
+    inner_lr: float,
+    inner_steps: int,
+    algorithm: str,
+    track_initial_loss: bool,
+    params: dict[str, Tensor],
+    constants: dict[str, Tensor],
+    support_x: Tensor,
+    support_y: Tensor,
+    query_x: Tensor,
+    query_y: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def forward(p: Mapping[str, Tensor], x: Tensor) -> Tensor:
+        return functional_call(net, (dict(p), constants), (x,))
+
+    if track_initial_loss:
+        with torch.no_grad():
+            initial = _scalar_loss(loss_fn, forward(params, query_x), query_y)
+    else:
+        initial = query_x.new_zeros(())
+    if algorithm == "reptile":
+        detached = {name: p.detach() for name, p in params.items()}
+        adapted = adapt_parameters(
+            net, detached, constants, loss_fn, support_x, support_y, inner_lr, inner_steps, True
+        )
+        prediction = forward(adapted, query_x)
+        query_loss = _scalar_loss(loss_fn, prediction, query_y)
+        # gradient of this surrogate w.r.t. params is (params - adapted)
+        surrogate = sum((p * (p.detach() - adapted[name])).sum() for name, p in params.items())
+        return surrogate, query_loss.detach(), prediction.detach(), initial
+    adapted = adapt_parameters(
+        net,
+        params,
+        constants,
+        loss_fn,
+        support_x,
+        support_y,
+        inner_lr,
+        inner_steps,
+        first_order=algorithm == "fomaml",
+    )
+    prediction = forward(adapted, query_x)
+    query_loss = _scalar_loss(loss_fn, prediction, query_y)
+    return query_loss, query_loss.detach(), prediction.detach(), initial
+
+
+def uses_vmap(net: nn.Module, algorithm: str, vectorize: str) -> bool:
+    """Whether :func:`meta_loss` runs the tasks of ``net`` under vmap for this algorithm and mode.
+
+    ``"auto"`` picks vmap unless the algorithm is second-order ``"maml"`` and the network holds a
+    BatchNorm, InstanceNorm or LayerNorm layer (torch's vmap gives wrong second derivatives for
+    those), or vmap already failed once on this network.
+    """
+    if vectorize not in VECTORIZE_MODES:
+        raise ValueError(f"`vectorize` must be one of {VECTORIZE_MODES}, got {vectorize!r}")
+    unsafe = algorithm == "maml" and any(
+        isinstance(m, _VMAP_SECOND_ORDER_UNSAFE) for m in net.modules()
+    )
+    if vectorize == "vmap" and unsafe:
+        raise ValueError(
+            "`vectorize='vmap'` is not allowed for second-order MAML on a network with BatchNorm, "
+            "InstanceNorm or LayerNorm layers: torch.func.vmap computes their second derivatives "
+            "wrongly. Use vectorize='auto' or 'loop'."
+        )
+    if vectorize == "auto":
+        return not unsafe and net not in _VMAP_FAILED
+    return vectorize == "vmap"
+
+
+def meta_loss(
+    net: nn.Module,
+    loss_fn: str | LossFn,
+    support_x: Tensor,
+    support_y: Tensor,
+    query_x: Tensor,
+    query_y: Tensor,
+    *,
+    inner_lr: float,
+    inner_steps: int = 1,
+    algorithm: Algorithm = "maml",
+    vectorize: Vectorize = "auto",
+    params: Mapping[str, Tensor] | None = None,
+    track_initial_loss: bool = True,
+) -> MetaLossOutput:
+    """Meta-loss of a batch of tasks: adapt on each task's support set, evaluate its query set.
+
+    Args:
+        net: any ``nn.Module``; it is run functionally and not modified.
+        loss_fn: ``"mse"``, ``"cross_entropy"`` or a callable ``(prediction, target) -> scalar``.
+        support_x, support_y, query_x, query_y: tensors with a leading task dimension (see
+            :func:`check_episode`).
+        inner_lr: step size of the inner-loop SGD.
+        inner_steps: number of inner-loop steps (0 evaluates the initial parameters).
+        algorithm: ``"maml"`` differentiates through every inner step (second order);
+            ``"fomaml"`` treats inner gradients as constants (first order); ``"reptile"`` returns a
+            surrogate whose gradient is the mean of ``initial - adapted`` parameters.
+        vectorize: ``"vmap"`` runs the tasks as one batch with :func:`torch.func.vmap`,
+            ``"loop"`` one after another; ``"auto"`` (default) picks, see :func:`uses_vmap`, and
+            falls back to the loop (with a warning) if vmap fails on the network.
+        params: the initial parameters to adapt (defaults to the network's trainable parameters).
+            Frozen parameters and buffers are passed through unchanged.
+        track_initial_loss: also compute the query loss before adaptation (a forward pass).
+
+    BatchNorm layers use per-task batch statistics, see :func:`task_batch_norm`.
+
+    Returns:
+        a :class:`MetaLossOutput`; ``.loss.backward()`` puts the mean meta-gradient over tasks on
+        the parameters.
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Linear(1, 1)
+        >>> sx, sy, qx, qy = (torch.randn(2, 5, 1) for _ in range(4))
+        >>> meta_loss(net, "mse", sx, sy, qx, qy, inner_lr=0.1).loss.shape
+        torch.Size([])
+    """
+    loss_fn = resolve_loss(loss_fn)
+    inner_lr = check_inner_lr(inner_lr)
+    inner_steps = check_inner_steps(inner_steps)
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"`algorithm` must be one of {ALGORITHMS}, got {algorithm!r}")
+    check_episode(support_x, support_y, query_x, query_y)
+    trainable, constants = split_parameters(net)
+    if params is None:
+        params = trainable
+    else:
+        params = dict(params)
+        constants = {**{k: v for k, v in trainable.items() if k not in params}, **constants}
+        for name in params:
+            constants.pop(name, None)
+    vectorized = uses_vmap(net, algorithm, vectorize)
+
+    def task(*args: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return _task_meta_loss(
+            net, loss_fn, inner_lr, inner_steps, algorithm, track_initial_loss, *args
+        )
+
+    batch = (support_x, support_y, query_x, query_y)
+    with task_batch_norm(net):
+        outputs = None
+        if vectorized:
+            batched = vmap(task, in_dims=(None, None, 0, 0, 0, 0), randomness="different")
+            try:
+                outputs = batched(params, constants, *batch)
+            except RuntimeError as error:
+                if vectorize != "auto":
+                    raise
+                _VMAP_FAILED.add(net)
+                warnings.warn(
+                    f"torch.func.vmap failed on {type(net).__name__} ({error}); running its tasks "
+                    f"one by one from now on. Pass vectorize='loop' to silence this.",
+                    stacklevel=2,
+                )
+                vectorized = False
+        if outputs is None:
+            per_task = [
+                task(params, constants, *(t[i] for t in batch)) for i in range(len(support_x))
+            ]
+            outputs = tuple(torch.stack(parts) for parts in zip(*per_task))
+    losses, query_losses, predictions, initial = outputs
+    return MetaLossOutput(
+        loss=losses.mean(),
+        query_losses=query_losses,
+        query_predictions=predictions,
+        initial_query_losses=initial if track_initial_loss else None,
+        vectorized=vectorized,
+    )

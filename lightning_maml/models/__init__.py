@@ -1,0 +1,5 @@
+"""Networks for the meta-learning problems shipped with lightning-maml."""
+
+from lightning_maml.models.mlp import MLP
+
+__all__ = ["MLP"]

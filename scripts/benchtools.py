@@ -1,0 +1,50 @@
+"""Timing helpers shared by the benchmark scripts (median over timed iterations after warm-up)."""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+
+def time_call(fn: Callable[[], object], warmup: int = 5, iterations: int = 20) -> list[float]:
+    """Seconds per call of ``fn`` for ``iterations`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iterations):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def median(times: list[float]) -> float:
+    return statistics.median(times)
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far, MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
+    """Print rows as a fixed-width table; ``columns`` holds (key, header, format)."""
+    widths = [max(len(h), *(len(format(r[k], f)) for r in rows)) for k, h, f in columns]
+    print("  ".join(h.ljust(w) for (_, h, _), w in zip(columns, widths)))
+    print("  ".join("-" * w for w in widths))
+    for r in rows:
+        print("  ".join(format(r[k], f).ljust(w) for (k, _, f), w in zip(columns, widths)))
+
+
+def write_json(path: str | Path, payload: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"torch": torch.__version__, "threads": torch.get_num_threads(), **payload}
+    path.write_text(json.dumps(payload, indent=2))
+    print(f"wrote {path}")

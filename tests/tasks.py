@@ -1,0 +1,35 @@
+"""Small networks and task batches shared by the tests."""
+
+import torch
+from torch import nn
+
+
+def tanh_mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1))
+
+
+def small_conv_net(classes: int = 3) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 3, 3),
+        nn.ELU(),
+        nn.AvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(3 * 2 * 2, classes),
+    )
+
+
+def regression_tasks(n_tasks=3, k=5, q=6, dtype=torch.float64, generator=None):
+    g = generator or torch.Generator().manual_seed(1)
+    sx = torch.rand(n_tasks, k, 1, generator=g, dtype=dtype) * 4 - 2
+    qx = torch.rand(n_tasks, q, 1, generator=g, dtype=dtype) * 4 - 2
+    amp = torch.rand(n_tasks, 1, 1, generator=g, dtype=dtype) + 0.5
+    return sx, amp * torch.sin(sx), qx, amp * torch.sin(qx)
+
+
+def image_tasks(n_tasks=3, k=4, q=5, classes=3, dtype=torch.float64):
+    g = torch.Generator().manual_seed(2)
+    sx = torch.randn(n_tasks, k, 1, 6, 6, generator=g, dtype=dtype)
+    qx = torch.randn(n_tasks, q, 1, 6, 6, generator=g, dtype=dtype)
+    sy = torch.randint(0, classes, (n_tasks, k), generator=g)
+    qy = torch.randint(0, classes, (n_tasks, q), generator=g)
+    return sx, sy, qx, qy

@@ -1,0 +1,348 @@
+"""The meta-gradient engine vs hand-derived values, finite differences and unrolled autograd."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from reference import finite_difference_gradient, max_abs_difference, unrolled_meta_loss
+from tasks import image_tasks, regression_tasks, small_conv_net, tanh_mlp
+from torch import nn
+from torch.func import functional_call
+
+from lightning_maml.functional import (
+    adapt_parameters,
+    meta_loss,
+    mse_loss,
+    sgd_step,
+    uses_vmap,
+)
+
+
+def _sigmoid(z):
+    return 1 / (1 + math.exp(-z))
+
+
+def _hand_derived_single_neuron_meta_gradient():
+    # w=1, b=-4, x=1, y=1, inner lr 1, one step: z = w + b, z' = z - 2(sigma(z) - 1)
+    z = -3.0
+    z_adapted = z - 2 * (_sigmoid(z) - 1)
+    return (_sigmoid(z_adapted) - 1) * (1 - 2 * _sigmoid(z) * (1 - _sigmoid(z)))
+
+
+def _single_neuron():
+    net = nn.Linear(1, 1).double()
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+        net.bias.fill_(-4.0)
+    return net
+
+
+def _ones(*shape):
+    return torch.ones(*shape, dtype=torch.float64)
+
+
+def test_hand_derived_value_is_the_documented_constant():
+    assert _hand_derived_single_neuron_meta_gradient() == pytest.approx(-0.6816, abs=1e-4)
+
+
+@pytest.mark.parametrize("vectorize", ["vmap", "loop"])
+def test_engine_single_neuron_meta_gradient_matches_hand_derivation(vectorize):
+    net = _single_neuron()
+    x = _ones(1, 1, 1)
+    out = meta_loss(
+        net,
+        F.binary_cross_entropy_with_logits,
+        x,
+        x,
+        x,
+        x,
+        inner_lr=1.0,
+        inner_steps=1,
+        vectorize=vectorize,
+    )
+    out.loss.backward()
+    expected = _hand_derived_single_neuron_meta_gradient()
+    assert net.weight.grad.item() == pytest.approx(expected, abs=1e-10)
+    assert net.bias.grad.item() == pytest.approx(expected, abs=1e-10)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 5])
+@pytest.mark.parametrize("network", ["mlp", "conv"])
+def test_second_order_meta_gradient_matches_float64_finite_differences(network, steps):
+    if network == "mlp":
+        net, loss, tasks, lr = tanh_mlp().double(), mse_loss, regression_tasks(), 0.1
+    else:
+        net, loss, tasks, lr = small_conv_net().double(), F.cross_entropy, image_tasks(), 0.5
+    params = {k: v.detach().clone().requires_grad_() for k, v in net.named_parameters()}
+    out = meta_loss(net, loss, *tasks, inner_lr=lr, inner_steps=steps, params=params)
+    grads = dict(zip(params, torch.autograd.grad(out.loss, list(params.values()))))
+
+    def objective(p):
+        with torch.enable_grad():
+            return meta_loss(net, loss, *tasks, inner_lr=lr, inner_steps=steps, params=p).loss
+
+    numeric = finite_difference_gradient(objective, params)
+    scale = max(v.abs().max().item() for v in numeric.values())
+    assert max_abs_difference(grads, numeric) < 1e-7 * max(scale, 1.0)
+    # and the second-order terms matter here: the first-order gradient is measurably different
+    first = meta_loss(
+        net, loss, *tasks, inner_lr=lr, inner_steps=steps, params=params, algorithm="fomaml"
+    )
+    first_grads = dict(zip(params, torch.autograd.grad(first.loss, list(params.values()))))
+    assert max_abs_difference(first_grads, numeric) > 1e-4 * scale
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_engine_equals_unrolled_autograd_reference(steps):
+    net = small_conv_net().double()
+    tasks = image_tasks()
+    params = dict(net.named_parameters())
+    engine = meta_loss(net, F.cross_entropy, *tasks, inner_lr=0.4, inner_steps=steps).loss
+    reference = unrolled_meta_loss(net, params, F.cross_entropy, tasks, 0.4, steps)
+    g_engine = torch.autograd.grad(engine, list(params.values()))
+    g_reference = torch.autograd.grad(reference, list(params.values()))
+    assert engine.item() == pytest.approx(reference.item(), abs=1e-12)
+    for a, b in zip(g_engine, g_reference):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("vectorize", ["vmap", "loop"])
+def test_first_order_equals_query_gradient_at_adapted_parameters(vectorize):
+    net = tanh_mlp().double()
+    sx, sy, qx, qy = regression_tasks()
+    params = dict(net.named_parameters())
+    out = meta_loss(
+        net,
+        mse_loss,
+        sx,
+        sy,
+        qx,
+        qy,
+        inner_lr=0.2,
+        inner_steps=3,
+        algorithm="fomaml",
+        vectorize=vectorize,
+    )
+    got = torch.autograd.grad(out.loss, list(params.values()))
+    # reference: adapt each task without any graph, then the plain query gradient there, averaged
+    expected = [torch.zeros_like(p) for p in params.values()]
+    for t in range(sx.shape[0]):
+        fast = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
+        for _ in range(3):
+            g = torch.autograd.grad(
+                mse_loss(functional_call(net, fast, (sx[t],)), sy[t]), list(fast.values())
+            )
+            fast = {
+                k: (v - 0.2 * gi).detach().requires_grad_() for (k, v), gi in zip(fast.items(), g)
+            }
+        qg = torch.autograd.grad(
+            mse_loss(functional_call(net, fast, (qx[t],)), qy[t]), list(fast.values())
+        )
+        expected = [e + q / sx.shape[0] for e, q in zip(expected, qg)]
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_reptile_direction_is_initial_minus_adapted_parameters():
+    net = tanh_mlp().double()
+    sx, sy, qx, qy = regression_tasks()
+    params = dict(net.named_parameters())
+    out = meta_loss(net, mse_loss, sx, sy, qx, qy, inner_lr=0.1, inner_steps=4, algorithm="reptile")
+    got = dict(zip(params, torch.autograd.grad(out.loss, list(params.values()))))
+    expected = {k: torch.zeros_like(v) for k, v in params.items()}
+    for t in range(sx.shape[0]):
+        fast = {k: v.detach().clone() for k, v in params.items()}
+        for _ in range(4):
+            fast = {k: v.requires_grad_() for k, v in fast.items()}
+            g = torch.autograd.grad(
+                mse_loss(functional_call(net, fast, (sx[t],)), sy[t]), list(fast.values())
+            )
+            fast = {k: (v - 0.1 * gi).detach() for (k, v), gi in zip(fast.items(), g)}
+        for k in expected:
+            expected[k] += (params[k].detach() - fast[k]) / sx.shape[0]
+    assert max_abs_difference(got, expected) < 1e-12
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "reptile"])
+@pytest.mark.parametrize("network", ["mlp", "conv"])
+def test_vmap_path_equals_loop_path(network, algorithm):
+    if network == "mlp":
+        net, loss, tasks = tanh_mlp().double(), "mse", regression_tasks(n_tasks=4)
+    else:
+        net, loss, tasks = small_conv_net().double(), "cross_entropy", image_tasks(n_tasks=4)
+    params = dict(net.named_parameters())
+    results = {}
+    for mode in ("vmap", "loop"):
+        out = meta_loss(
+            net, loss, *tasks, inner_lr=0.3, inner_steps=2, algorithm=algorithm, vectorize=mode
+        )
+        assert out.vectorized == (mode == "vmap")
+        results[mode] = (out, torch.autograd.grad(out.loss, list(params.values())))
+    (v, gv), (lp, gl) = results["vmap"], results["loop"]
+    torch.testing.assert_close(v.query_losses, lp.query_losses, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(v.initial_query_losses, lp.initial_query_losses)
+    torch.testing.assert_close(v.query_predictions, lp.query_predictions, rtol=1e-10, atol=1e-12)
+    for a, b in zip(gv, gl):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_initial_query_loss_is_the_loss_before_adaptation():
+    net = tanh_mlp().double()
+    sx, sy, qx, qy = regression_tasks()
+    out = meta_loss(net, "mse", sx, sy, qx, qy, inner_lr=0.1, inner_steps=1)
+    expected = torch.stack([mse_loss(net(qx[t]), qy[t]) for t in range(3)])
+    torch.testing.assert_close(out.initial_query_losses, expected.detach())
+    zero_steps = meta_loss(net, "mse", sx, sy, qx, qy, inner_lr=0.1, inner_steps=0)
+    torch.testing.assert_close(zero_steps.query_losses, expected.detach())
+
+
+def _bn_net():
+    return nn.Sequential(nn.Linear(1, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 1)).double()
+
+
+def test_batchnorm_second_order_uses_loop_and_matches_finite_differences():
+    net = _bn_net()
+    net[1].running_mean.fill_(3.0)  # would be visible in the output if running stats were used
+    tasks = regression_tasks()
+    assert not uses_vmap(net, "maml", "auto")
+    assert uses_vmap(net, "fomaml", "auto")
+    params = {k: v.detach().clone().requires_grad_() for k, v in net.named_parameters()}
+    out = meta_loss(net, "mse", *tasks, inner_lr=0.2, inner_steps=2, params=params)
+    assert not out.vectorized
+    grads = dict(zip(params, torch.autograd.grad(out.loss, list(params.values()))))
+
+    def objective(p):
+        with torch.enable_grad():
+            return meta_loss(net, "mse", *tasks, inner_lr=0.2, inner_steps=2, params=p).loss
+
+    assert max_abs_difference(grads, finite_difference_gradient(objective, params)) < 1e-7
+
+
+def test_batchnorm_uses_task_statistics_and_does_not_touch_running_stats():
+    net = _bn_net().train()
+    net[1].running_mean.fill_(3.0)
+    before = {k: v.clone() for k, v in net.named_buffers()}
+    tasks = regression_tasks()
+    net.eval()  # evaluation also normalises with each task's own statistics
+    out = meta_loss(net, "mse", *tasks, inner_lr=0.2, inner_steps=0)
+    for k, v in net.named_buffers():
+        assert torch.equal(v, before[k]), k
+    assert not net.training and not net[1].training and net[1].track_running_stats
+    # reference: a BatchNorm without running statistics normalises with the batch's own
+    fresh = _bn_net()
+    fresh.load_state_dict(net.state_dict())
+    fresh[1].running_mean = fresh[1].running_var = None
+    fresh[1].track_running_stats = False
+    expected = torch.stack([mse_loss(fresh(tasks[2][t]), tasks[3][t]) for t in range(3)])
+    torch.testing.assert_close(out.query_losses, expected.detach())
+
+
+def test_forcing_vmap_on_batchnorm_second_order_is_refused():
+    with pytest.raises(ValueError, match="vectorize='vmap'.*BatchNorm"):
+        meta_loss(_bn_net(), "mse", *regression_tasks(), inner_lr=0.1, vectorize="vmap")
+
+
+def test_auto_falls_back_to_loop_when_vmap_fails():
+    class ItemNet(nn.Module):  # .item() inside forward cannot be vmapped
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(1, 1)
+
+        def forward(self, x):
+            return self.lin(x) * (1.0 if x.sum().item() > -1e9 else 0.0)
+
+    net = ItemNet().double()
+    tasks = regression_tasks()
+    with pytest.warns(UserWarning, match="vmap failed"):
+        out = meta_loss(net, "mse", *tasks, inner_lr=0.1)
+    assert not out.vectorized
+    reference = meta_loss(net, "mse", *tasks, inner_lr=0.1, vectorize="loop")
+    torch.testing.assert_close(out.loss, reference.loss)
+
+
+def test_frozen_parameters_and_buffers_pass_through_unchanged():
+    net = tanh_mlp().double()
+    net[0].weight.requires_grad_(False)
+    net.register_buffer("unused_buffer", torch.ones(2))
+    out = meta_loss(net, "mse", *regression_tasks(), inner_lr=0.1, inner_steps=2)
+    out.loss.backward()
+    assert net[0].weight.grad is None
+    assert net[0].bias.grad is not None
+
+
+def test_sgd_step_leaves_parameters_without_gradient_unchanged():
+    p = {"a": torch.tensor(1.0), "b": torch.tensor(2.0)}
+    out = sgd_step(p, {"a": torch.tensor(4.0), "b": None}, 0.5)
+    assert out["a"].item() == -1.0 and out["b"] is p["b"]
+
+
+def test_adapt_parameters_first_order_has_identity_jacobian():
+    net = nn.Linear(1, 1).double()
+    params = dict(net.named_parameters())
+    x, y = torch.randn(5, 1, dtype=torch.double), torch.randn(5, 1, dtype=torch.double)
+    adapted = adapt_parameters(net, params, {}, mse_loss, x, y, 0.3, 2, first_order=True)
+    (jac,) = torch.autograd.grad(adapted["weight"].sum(), [params["weight"]])
+    assert jac.item() == 1.0
+
+
+# -- bad input ---------------------------------------------------------------------------------
+
+
+def _good():
+    return regression_tasks(dtype=torch.float32)
+
+
+def test_mismatched_support_and_query_feature_shapes_name_the_argument():
+    sx, sy, qx, qy = _good()
+    with pytest.raises(ValueError, match="`support_x` examples have shape.*`query_x`"):
+        meta_loss(nn.Linear(1, 1), "mse", sx, sy, qx.expand(-1, -1, 2), qy, inner_lr=0.1)
+
+
+def test_mismatched_task_counts_name_the_argument():
+    sx, sy, qx, qy = _good()
+    with pytest.raises(ValueError, match="`query_y` has 2 tasks"):
+        meta_loss(nn.Linear(1, 1), "mse", sx, sy, qx, qy[:2], inner_lr=0.1)
+
+
+def test_mismatched_examples_and_labels_name_the_argument():
+    sx, sy, qx, qy = _good()
+    with pytest.raises(
+        ValueError, match="`support_x` has 5 examples per task but `support_y` has 4"
+    ):
+        meta_loss(nn.Linear(1, 1), "mse", sx, sy[:, :4], qx, qy, inner_lr=0.1)
+
+
+@pytest.mark.parametrize("steps", [-1, 1.5, True])
+def test_invalid_inner_steps_is_refused(steps):
+    with pytest.raises((ValueError, TypeError), match="`inner_steps` must be an integer >= 0"):
+        meta_loss(nn.Linear(1, 1), "mse", *_good(), inner_lr=0.1, inner_steps=steps)
+
+
+@pytest.mark.parametrize("lr", [float("nan"), float("inf"), "0.1"])
+def test_non_finite_inner_lr_is_refused(lr):
+    with pytest.raises((ValueError, TypeError), match="`inner_lr` must be a finite real number"):
+        meta_loss(nn.Linear(1, 1), "mse", *_good(), inner_lr=lr)
+
+
+@pytest.mark.parametrize("vectorize", ["vmap", "loop", "auto"])
+def test_non_scalar_loss_is_refused(vectorize):
+    def per_example(prediction, target):
+        return (prediction - target) ** 2
+
+    with pytest.raises(ValueError, match="loss function must return a scalar"):
+        meta_loss(nn.Linear(1, 1), per_example, *_good(), inner_lr=0.1, vectorize=vectorize)
+
+
+def test_output_shape_not_matching_targets_is_refused():
+    with pytest.raises(ValueError, match=r"output shape \(\d+, 2\) for target shape \(\d+, 1\)"):
+        meta_loss(nn.Linear(1, 2), "mse", *_good(), inner_lr=0.1)
+
+
+def test_unknown_algorithm_and_vectorize_are_refused():
+    with pytest.raises(ValueError, match="`algorithm` must be one of"):
+        meta_loss(nn.Linear(1, 1), "mse", *_good(), inner_lr=0.1, algorithm="sgd")
+    with pytest.raises(ValueError, match="`vectorize` must be one of"):
+        meta_loss(nn.Linear(1, 1), "mse", *_good(), inner_lr=0.1, vectorize="yes")
+    with pytest.raises(ValueError, match="`loss` must be one of"):
+        meta_loss(nn.Linear(1, 1), "l1", *_good(), inner_lr=0.1)
