@@ -3,6 +3,7 @@
 from lightning_maml.episode import Episode
 from lightning_maml.functional import meta_loss
 from lightning_maml.maml import MAML
+from lightning_maml.module import MAMLModule
 
-__all__ = ["MAML", "Episode", "meta_loss"]
+__all__ = ["MAML", "Episode", "MAMLModule", "meta_loss"]
 __version__ = "0.1.0"

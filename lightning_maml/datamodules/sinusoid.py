@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import lightning.pytorch as pl
 import numpy as np
@@ -74,7 +74,9 @@ class SinusoidTaskStream(IterableDataset):
     Batch ``b`` of pass ``e`` is drawn from a generator keyed by ``(seed, e, b)``: the global batch
     holds ``meta_batch_size * world_size`` tasks, and each distributed rank takes its own slice, so
     ranks see different tasks and the union over ranks does not depend on the number of processes.
-    DataLoader workers split the batches between them.
+    DataLoader workers split the batches between them. The pass number is read from ``epoch_fn``
+    when given (e.g. the trainer's current epoch, so a resumed run continues with new tasks), else
+    counted from ``start_epoch``.
     """
 
     def __init__(
@@ -84,6 +86,7 @@ class SinusoidTaskStream(IterableDataset):
         batches_per_epoch: int,
         seed: int,
         start_epoch: int = 0,
+        epoch_fn: Callable[[], int] | None = None,
     ) -> None:
         super().__init__()
         self.sampler_kwargs = sampler_kwargs
@@ -91,12 +94,14 @@ class SinusoidTaskStream(IterableDataset):
         self.batches_per_epoch = batches_per_epoch
         self.seed = seed
         self.epoch = start_epoch
+        self.epoch_fn = epoch_fn
 
     def __len__(self) -> int:
         return self.batches_per_epoch
 
     def __iter__(self) -> Iterator[Episode]:
-        epoch, self.epoch = self.epoch, self.epoch + 1
+        epoch = self.epoch_fn() if self.epoch_fn is not None else self.epoch
+        self.epoch = epoch + 1
         rank, world_size = _rank_and_world_size()
         worker = get_worker_info()
         worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
@@ -224,6 +229,8 @@ class SinusoidDataModule(pl.LightningDataModule):
             self.batches_per_epoch,
             self.seed,
             start_epoch=trainer.current_epoch if trainer is not None else 0,
+            # workers hold a pickled copy of the stream and count passes themselves
+            epoch_fn=self._trainer_epoch if trainer is not None and self.num_workers == 0 else None,
         )
         return DataLoader(
             stream,
@@ -231,6 +238,9 @@ class SinusoidDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
+
+    def _trainer_epoch(self) -> int:
+        return self.trainer.current_epoch
 
     def _fixed_loader(self, split: str) -> DataLoader:
         return DataLoader(TaskSet(self.fixed_tasks(split)), batch_size=self.meta_batch_size)

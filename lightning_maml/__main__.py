@@ -1,0 +1,3 @@
+from lightning_maml.cli import main
+
+main()

@@ -1,0 +1,47 @@
+"""``lightning-maml`` command line: LightningCLI over :class:`~lightning_maml.MAMLModule`.
+
+The network and the DataModule are chosen by class path in the config, e.g.
+``lightning-maml fit --config configs/sinusoid.yaml``; ``--print_config`` shows every setting.
+"""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+from lightning.pytorch.cli import LightningCLI
+
+from lightning_maml.module import MAMLModule
+
+
+def build_cli(args: list[str] | None = None) -> LightningCLI:
+    """Run the CLI (``fit``, ``validate``, ``test``, ``predict``) with ``args`` or ``sys.argv`` and
+    return it (with its ``trainer``, ``model`` and ``datamodule``).
+
+    Example::
+
+        >>> from lightning_maml.cli import build_cli
+        >>> cli = build_cli(["fit", "--model.net=lightning_maml.models.MLP",
+        ...             "--data=lightning_maml.datamodules.SinusoidDataModule",
+        ...             "--data.meta_batch_size=2", "--data.batches_per_epoch=2",
+        ...             "--data.num_val_tasks=2", "--trainer.max_steps=2",
+        ...             "--trainer.logger=false", "--trainer.enable_checkpointing=false",
+        ...             "--trainer.enable_progress_bar=false",
+        ...             "--trainer.enable_model_summary=false"])
+        >>> cli.trainer.global_step
+        2
+    """
+    return LightningCLI(
+        MAMLModule,
+        pl.LightningDataModule,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )
+
+
+def main() -> None:
+    """Entry point of the ``lightning-maml`` console script and ``python -m lightning_maml``."""
+    build_cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,227 @@
+"""``MAMLModule``: meta-train any ``nn.Module`` with MAML, first-order MAML or Reptile."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+
+from lightning_maml.episode import Episode
+from lightning_maml.functional import (
+    ALGORITHMS,
+    VECTORIZE_MODES,
+    MetaLossOutput,
+    check_inner_lr,
+    check_inner_steps,
+    meta_loss,
+    resolve_loss,
+)
+
+
+def as_episode(batch: Any) -> Episode:
+    """Read a batch as an :class:`Episode`: an Episode, a 4-sequence or a mapping of its fields."""
+    if isinstance(batch, Episode):
+        return batch
+    if isinstance(batch, Mapping) and set(Episode._fields) <= set(batch):
+        return Episode(*(batch[f] for f in Episode._fields))
+    if isinstance(batch, Sequence) and len(batch) == 4:
+        return Episode(*batch)
+    raise TypeError(
+        "a batch must be an Episode, a (support_x, support_y, query_x, query_y) sequence or a "
+        f"mapping with those keys, got {type(batch).__name__}"
+    )
+
+
+class MAMLModule(pl.LightningModule):
+    """Meta-learns the initial parameters of ``net`` from batches of support/query tasks.
+
+    Each training step adapts a copy of the parameters to every task of the batch on its support
+    set (``inner_steps`` SGD steps of size ``inner_lr``), evaluates the query set, and
+    backpropagates the mean query loss through the adaptation (second order) into the
+    meta-update. Tasks are vectorised with ``torch.func.vmap`` where the network allows it (see
+    :func:`lightning_maml.functional.uses_vmap`). Validation and test adapt on each task's support
+    set too (with ``eval_inner_steps``), under any ``Trainer``: the module enables gradients for the
+    inner loop itself. BatchNorm layers normalise with each task's own statistics.
+
+    Batches are :class:`~lightning_maml.Episode` s (or 4-tuples / mappings with the same fields)
+    with a leading task dimension.
+
+    Logged metrics (``stage`` is ``train``, ``val`` or ``test``): ``{stage}/query_loss_before`` and
+    ``{stage}/query_loss_after`` (mean query loss before and after adaptation),
+    ``{stage}/query_acc_after`` for classification, and ``train/loss`` (the meta-loss).
+
+    Args:
+        net: the network; any ``nn.Module``.
+        loss: ``"mse"``, ``"cross_entropy"`` or a callable ``(prediction, target) -> scalar``.
+        inner_lr: inner-loop SGD step size (default 0.01).
+        inner_steps: inner-loop steps in training (default 1).
+        eval_inner_steps: inner-loop steps in validation and test (default: ``inner_steps``).
+        algorithm: ``"maml"`` (second order, default), ``"fomaml"`` (first order) or ``"reptile"``.
+        meta_lr: learning rate of the default meta-optimizer, Adam (default 1e-3).
+        optimizer: a callable ``params -> Optimizer`` replacing the default (in a LightningCLI
+            config: ``class_path`` and ``init_args``).
+        vectorize: ``"auto"`` (default), ``"vmap"`` or ``"loop"``.
+        classification: log query accuracy; default: ``loss == "cross_entropy"``.
+        track_initial_loss: compute the query loss before adaptation in training (one forward pass
+            per task); validation and test always do.
+
+    Raises:
+        TypeError, ValueError: on an argument outside the allowed values, at construction.
+
+    Example::
+
+        >>> import lightning.pytorch as pl
+        >>> from lightning_maml import MAMLModule
+        >>> from lightning_maml.datamodules import SinusoidDataModule
+        >>> from lightning_maml.models import MLP
+        >>> module = MAMLModule(MLP(), loss="mse", inner_lr=0.01, inner_steps=1)
+        >>> trainer = pl.Trainer(max_steps=2, logger=False, enable_progress_bar=False,
+        ...                      enable_checkpointing=False, enable_model_summary=False)
+        >>> trainer.fit(module, SinusoidDataModule(meta_batch_size=4, batches_per_epoch=2))
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        loss: str | Callable[[Tensor, Tensor], Tensor] = "mse",
+        inner_lr: float = 0.01,
+        inner_steps: int = 1,
+        eval_inner_steps: int | None = None,
+        algorithm: str = "maml",
+        meta_lr: float = 1e-3,
+        optimizer: OptimizerCallable | None = None,
+        vectorize: str = "auto",
+        classification: bool | None = None,
+        track_initial_loss: bool = True,
+    ) -> None:
+        super().__init__()
+        if not isinstance(net, nn.Module):
+            raise TypeError(f"`net` must be a torch.nn.Module, got {type(net).__name__}")
+        self.loss_fn = resolve_loss(loss)
+        self.inner_lr = check_inner_lr(inner_lr)
+        self.inner_steps = check_inner_steps(inner_steps)
+        self.eval_inner_steps = check_inner_steps(
+            self.inner_steps if eval_inner_steps is None else eval_inner_steps, "eval_inner_steps"
+        )
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"`algorithm` must be one of {ALGORITHMS}, got {algorithm!r}")
+        if vectorize not in VECTORIZE_MODES:
+            raise ValueError(f"`vectorize` must be one of {VECTORIZE_MODES}, got {vectorize!r}")
+        if optimizer is None:
+            check_inner_lr(meta_lr, "meta_lr")
+            if meta_lr <= 0:
+                raise ValueError(f"`meta_lr` must be > 0, got {meta_lr!r}")
+        elif not callable(optimizer):
+            raise TypeError(
+                f"`optimizer` must be a callable params -> Optimizer, got {optimizer!r}"
+            )
+        self.algorithm = algorithm
+        self.vectorize = vectorize
+        self.meta_lr = meta_lr
+        self.optimizer = optimizer
+        self.track_initial_loss = track_initial_loss
+        self.classification = loss == "cross_entropy" if classification is None else classification
+        ignore = ["net", "optimizer"] + ([] if isinstance(loss, str) else ["loss"])
+        self.save_hyperparameters(ignore=ignore)
+        self.net = net
+        names = ["query_loss_before", "query_loss_after"]
+        if self.classification:
+            names.append("query_acc_after")
+        # one set per stage (attribute names, as "train" would shadow nn.Module.train in a dict)
+        self.train_metrics = nn.ModuleDict({name: MeanMetric() for name in names})
+        self.val_metrics = nn.ModuleDict({name: MeanMetric() for name in names})
+        self.test_metrics = nn.ModuleDict({name: MeanMetric() for name in names})
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def meta_forward(
+        self, batch: Any, inner_steps: int | None = None, train: bool = True
+    ) -> MetaLossOutput:
+        """Run the meta-loss of a batch of tasks and return everything it computes.
+
+        With ``train=False`` the adaptation is evaluated without a graph to the parameters (as in
+        validation and test).
+        """
+        episode = as_episode(batch)
+        steps = self.inner_steps if inner_steps is None else inner_steps
+        if train:
+            return meta_loss(
+                self.net,
+                self.loss_fn,
+                *episode,
+                inner_lr=self.inner_lr,
+                inner_steps=steps,
+                algorithm=self.algorithm,
+                vectorize=self.vectorize,
+                track_initial_loss=self.track_initial_loss,
+            )
+        params = {name: p.detach() for name, p in self.net.named_parameters() if p.requires_grad}
+        return meta_loss(
+            self.net,
+            self.loss_fn,
+            *episode,
+            inner_lr=self.inner_lr,
+            inner_steps=steps,
+            algorithm="fomaml",
+            vectorize=self.vectorize,
+            params=params,
+        )
+
+    def meta_loss(self, batch: Any) -> Tensor:
+        """The scalar whose ``backward()`` puts this module's meta-gradient on ``net``'s parameters
+        (the mean over the batch's tasks)."""
+        return self.meta_forward(batch).loss
+
+    def _update_metrics(self, stage: str, out: MetaLossOutput, batch: Episode) -> None:
+        values: dict[str, Tensor] = {"query_loss_after": out.query_losses}
+        if out.initial_query_losses is not None:
+            values["query_loss_before"] = out.initial_query_losses
+        if self.classification:
+            correct = out.query_predictions.argmax(dim=2) == batch.query_y
+            values["query_acc_after"] = correct.float().flatten()
+        metrics = getattr(self, f"{stage}_metrics")
+        for name, value in values.items():
+            if stage == "train":
+                metrics[name](value)  # forward: also keeps this batch's value for on_step logging
+            else:
+                metrics[name].update(value)
+            self.log(
+                f"{stage}/{name}",
+                metrics[name],
+                on_step=stage == "train",
+                on_epoch=True,
+                prog_bar=name != "query_loss_before",
+                batch_size=batch.support_x.shape[0],
+            )
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        episode = as_episode(batch)
+        out = self.meta_forward(episode)
+        self.log("train/loss", out.loss.detach(), prog_bar=True, batch_size=len(out.query_losses))
+        self._update_metrics("train", out, episode)
+        return out.loss
+
+    def _evaluate(self, batch: Any, stage: str) -> None:
+        # Lightning evaluates under inference mode; the inner loop needs autograd, and inference
+        # tensors cannot take part in it, so leave inference mode and copy the batch out of it.
+        with torch.inference_mode(False), torch.enable_grad():
+            episode = Episode(*(t.clone() if t.is_inference() else t for t in as_episode(batch)))
+            out = self.meta_forward(episode, self.eval_inner_steps, train=False)
+        self._update_metrics(stage, out, episode)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.optimizer is not None:
+            return self.optimizer(self.net.parameters())
+        return torch.optim.Adam(self.net.parameters(), lr=self.meta_lr)

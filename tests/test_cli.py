@@ -1,0 +1,50 @@
+"""The lightning-maml command line over LightningCLI."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from lightning_maml.cli import build_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tiny_config(tmp_path):
+    config = yaml.safe_load((ROOT / "configs" / "sinusoid.yaml").read_text())
+    config["trainer"].update(
+        max_steps=6, val_check_interval=3, enable_progress_bar=False, default_root_dir=str(tmp_path)
+    )
+    config["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path)
+    config["data"]["init_args"].update(
+        meta_batch_size=4, batches_per_epoch=6, num_val_tasks=8, num_test_tasks=8
+    )
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_cli_fit_then_test_with_the_shipped_config(tmp_path):
+    path = _tiny_config(tmp_path)
+    cli = build_cli(["fit", "--config", str(path)])
+    assert cli.trainer.global_step == 6
+    assert type(cli.model.net).__name__ == "MLP"
+    assert isinstance(cli.model.trainer.optimizers[0], __import__("torch").optim.Adam)
+    metrics = next(tmp_path.glob("sinusoid/version_*/metrics.csv")).read_text()
+    assert "val/query_loss_after" in metrics
+    ckpt = next(tmp_path.glob("sinusoid/version_*/checkpoints/*.ckpt"))
+    cli = build_cli(["test", "--config", str(path), "--ckpt_path", str(ckpt)])
+    assert "test/query_loss_after" in cli.trainer.callback_metrics
+
+
+def test_console_script_runs_and_prints_the_config(tmp_path):
+    path = _tiny_config(tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-m", "lightning_maml", "fit", "--config", str(path), "--print_config"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "class_path: lightning_maml.models.MLP" in out.stdout
+    assert "inner_lr: 0.01" in out.stdout

@@ -1,0 +1,203 @@
+"""MAMLModule inside Lightning: learning signal, gradients vs a reference, Trainer features, DDP."""
+
+import functools
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger
+from reference import unrolled_meta_loss
+from tasks import regression_tasks, tanh_mlp
+from torch import nn
+
+from lightning_maml import Episode, MAMLModule
+from lightning_maml.datamodules import SinusoidDataModule
+from lightning_maml.datamodules.sinusoid import TaskSet
+from lightning_maml.functional import mse_loss
+from lightning_maml.models import MLP
+
+
+def _trainer(**kwargs):
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    return pl.Trainer(**{**defaults, **kwargs})
+
+
+def test_short_training_makes_adaptation_reduce_held_out_mse():
+    pl.seed_everything(0)
+    module = MAMLModule(MLP(), inner_lr=0.01, inner_steps=1, eval_inner_steps=5)
+    data = SinusoidDataModule(meta_batch_size=25, batches_per_epoch=200, num_test_tasks=200)
+    _trainer(max_epochs=2, limit_val_batches=0).fit(module, data)
+    # a plain Trainer evaluates under inference mode; the module adapts all the same
+    (result,) = pl.Trainer(logger=False, enable_progress_bar=False).test(module, data)
+    assert result["test/query_loss_after"] < 0.8 * result["test/query_loss_before"]
+    # and training did something: the untrained network adapts far worse
+    untrained = MAMLModule(MLP(), inner_lr=0.01, eval_inner_steps=5)
+    (before,) = pl.Trainer(logger=False, enable_progress_bar=False).test(untrained, data)
+    assert result["test/query_loss_after"] < before["test/query_loss_after"]
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "fomaml"])
+def test_meta_loss_gradient_equals_unrolled_reference(algorithm):
+    net = tanh_mlp().double()
+    module = MAMLModule(net, inner_lr=0.2, inner_steps=2, algorithm=algorithm)
+    tasks = regression_tasks()
+    module.meta_loss(Episode(*tasks)).backward()
+    params = dict(net.named_parameters())
+    ref = unrolled_meta_loss(
+        net, params, mse_loss, tasks, 0.2, 2, first_order=algorithm == "fomaml"
+    )
+    for p, g in zip(params.values(), torch.autograd.grad(ref, list(params.values()))):
+        torch.testing.assert_close(p.grad, g, rtol=1e-10, atol=1e-12)
+
+
+def test_batches_as_tuples_and_mappings_are_accepted():
+    module = MAMLModule(tanh_mlp().double(), inner_lr=0.1)
+    tasks = regression_tasks()
+    as_tuple = module.meta_loss(tuple(tasks))
+    as_dict = module.meta_loss(dict(zip(Episode._fields, tasks)))
+    assert as_tuple.item() == as_dict.item()
+    with pytest.raises(TypeError, match="a batch must be an Episode"):
+        module.meta_loss(tasks[0])
+
+
+def test_double_precision_gradient_clipping_and_csv_logger(tmp_path):
+    module = MAMLModule(MLP(), inner_lr=0.01, optimizer=functools.partial(torch.optim.SGD, lr=1.0))
+    start = [p.detach().clone() for p in module.net.parameters()]
+    trainer = _trainer(
+        max_steps=1,
+        precision="64-true",
+        gradient_clip_val=1e-3,
+        gradient_clip_algorithm="norm",
+        logger=CSVLogger(tmp_path, name="run"),
+        log_every_n_steps=1,
+        limit_val_batches=1,
+    )
+    trainer.fit(module, SinusoidDataModule(meta_batch_size=5, batches_per_epoch=1, num_val_tasks=5))
+    assert all(p.dtype == torch.float64 for p in module.net.parameters())
+    step = torch.cat(
+        [(p.detach().float() - s).flatten() for p, s in zip(module.net.parameters(), start)]
+    )
+    assert step.norm().item() == pytest.approx(1e-3, rel=1e-4)  # SGD lr 1 on a clipped gradient
+    header = (tmp_path / "run" / "version_0" / "metrics.csv").read_text().splitlines()[0]
+    for name in [
+        "train/loss",
+        "train/query_loss_after_step",
+        "train/query_loss_before_step",
+        "val/query_loss_after",
+        "val/query_loss_before",
+    ]:
+        assert name in header.split(","), header
+
+
+def test_checkpoint_resume_continues_the_same_trajectory(tmp_path):
+    def run(max_epochs, ckpt=None):
+        pl.seed_everything(0)
+        module = MAMLModule(MLP(), inner_lr=0.01)
+        data = SinusoidDataModule(meta_batch_size=4, batches_per_epoch=3)
+        trainer = _trainer(
+            max_epochs=max_epochs,
+            limit_val_batches=0,
+            enable_checkpointing=True,
+            default_root_dir=tmp_path,
+        )
+        trainer.fit(module, data, ckpt_path=ckpt)
+        return module, trainer
+
+    continuous, _ = run(2)
+    _, first = run(1)
+    ckpt = first.checkpoint_callback.best_model_path
+    resumed, _ = run(2, ckpt)
+    for a, b in zip(continuous.net.parameters(), resumed.net.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    loaded = MAMLModule.load_from_checkpoint(ckpt, net=MLP())
+    assert loaded.inner_lr == 0.01 and loaded.hparams.algorithm == "maml"
+
+
+def test_classification_accuracy_is_logged_and_correct():
+    # two-way tasks whose classes are separated along a task-specific axis
+    g = torch.Generator().manual_seed(0)
+    tasks, k = 6, 8
+    direction = torch.randn(tasks, 1, 2, generator=g)
+    x = torch.randn(tasks, 2 * k, 2, generator=g)
+    y = ((x * direction).sum(-1) > 0).long()
+    episode = Episode(x[:, :k], y[:, :k], x[:, k:], y[:, k:])
+    module = MAMLModule(nn.Linear(2, 2), loss="cross_entropy", inner_lr=0.5, inner_steps=3)
+    (result,) = _trainer().validate(
+        module, torch.utils.data.DataLoader(TaskSet(episode), batch_size=3)
+    )
+    out = module.meta_forward(episode, inner_steps=3, train=False)
+    expected = (out.query_predictions.argmax(-1) == episode.query_y).float().mean().item()
+    assert result["val/query_acc_after"] == pytest.approx(expected)
+
+
+def test_invalid_module_arguments_are_refused_at_construction():
+    with pytest.raises(ValueError, match="`inner_steps` must be an integer >= 0, got -1"):
+        MAMLModule(MLP(), inner_steps=-1)
+    with pytest.raises(ValueError, match="`eval_inner_steps` must be an integer >= 0"):
+        MAMLModule(MLP(), eval_inner_steps=-2)
+    with pytest.raises(ValueError, match="`inner_lr` must be a finite real number, got inf"):
+        MAMLModule(MLP(), inner_lr=math.inf)
+    with pytest.raises(ValueError, match="`algorithm` must be one of"):
+        MAMLModule(MLP(), algorithm="anil")
+    with pytest.raises(ValueError, match="`meta_lr` must be > 0"):
+        MAMLModule(MLP(), meta_lr=0.0)
+    with pytest.raises(TypeError, match="`net` must be a torch.nn.Module"):
+        MAMLModule("MLP")
+
+
+def test_network_output_not_matching_targets_fails_before_training():
+    module = MAMLModule(MLP(out_features=2))
+    trainer = _trainer(max_steps=100)
+    with pytest.raises(ValueError, match=r"output shape \(10, 2\) for target shape \(10, 1\)"):
+        trainer.fit(module, SinusoidDataModule(meta_batch_size=2, num_val_tasks=2))
+    assert trainer.global_step == 0
+
+
+class _SaveParameters(Callback):
+    def __init__(self, directory):
+        self.directory = directory
+
+    def on_train_end(self, trainer, pl_module):
+        params = [p.detach().clone() for p in pl_module.net.parameters()]
+        torch.save(params, f"{self.directory}/rank{trainer.global_rank}.pt")
+
+
+def _one_step(tmp_path, devices, meta_batch_size):
+    pl.seed_everything(0)
+    module = MAMLModule(
+        MLP(hidden=(8,)), inner_lr=0.1, optimizer=functools.partial(torch.optim.SGD, lr=0.5)
+    )
+    data = SinusoidDataModule(meta_batch_size=meta_batch_size, batches_per_epoch=1)
+    trainer = _trainer(
+        max_steps=1,
+        devices=devices,
+        strategy="ddp_spawn" if devices > 1 else "auto",
+        precision="64-true",
+        limit_val_batches=0,
+        callbacks=[_SaveParameters(tmp_path)],
+    )
+    trainer.fit(module, data)
+
+
+def test_ddp_step_equals_single_process_step_over_the_union_of_tasks(tmp_path):
+    (tmp_path / "ddp").mkdir()
+    (tmp_path / "single").mkdir()
+    _one_step(tmp_path / "ddp", devices=2, meta_batch_size=3)
+    _one_step(tmp_path / "single", devices=1, meta_batch_size=6)
+    rank0 = torch.load(tmp_path / "ddp" / "rank0.pt")
+    rank1 = torch.load(tmp_path / "ddp" / "rank1.pt")
+    single = torch.load(tmp_path / "single" / "rank0.pt")
+    initial = MLP(hidden=(8,))  # the step moved the parameters
+    for a, b, c in zip(rank0, rank1, single):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12)
+    assert any(not torch.allclose(a.float(), p) for a, p in zip(rank0, initial.parameters()))
