@@ -50,6 +50,7 @@ __all__ = [
     "resolve_loss",
     "sgd_step",
     "split_parameters",
+    "support_gradients",
     "task_batch_norm",
     "uses_vmap",
 ]
@@ -325,6 +326,45 @@ def adapt_parameters(
     for _ in range(inner_steps):
         adapted = sgd_step(adapted, torch.func.grad(support_loss)(adapted), inner_lr)
     return adapted
+
+
+def support_gradients(
+    net: nn.Module,
+    loss_fn: str | LossFn,
+    support_x: Tensor,
+    support_y: Tensor,
+    params: Mapping[str, Tensor] | None = None,
+) -> dict[str, Tensor]:
+    """Gradient of each task's support loss at ``params`` (the first inner-loop gradient), as a dict
+    of ``[T, *param.shape]`` tensors, detached.
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> x, y = torch.randn(4, 5, 3), torch.randn(4, 5, 1)
+        >>> grads = support_gradients(nn.Linear(3, 1), "mse", x, y)
+        >>> grads["weight"].shape
+        torch.Size([4, 1, 3])
+    """
+    loss_fn = resolve_loss(loss_fn)
+    trainable, constants = split_parameters(net)
+    params = {k: v.detach() for k, v in (trainable if params is None else params).items()}
+
+    def task(x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        def support_loss(p: dict[str, Tensor]) -> Tensor:
+            return _scalar_loss(loss_fn, functional_call(net, (p, constants), (x,)), y)
+
+        return torch.func.grad(support_loss)(params)
+
+    with task_batch_norm(net), torch.enable_grad():
+        if net not in _VMAP_FAILED:
+            try:
+                return vmap(task, randomness="different")(support_x, support_y)
+            except RuntimeError:
+                _VMAP_FAILED.add(net)
+        per_task = [task(support_x[i], support_y[i]) for i in range(len(support_x))]
+    return {name: torch.stack([g[name] for g in per_task]) for name in params}
 
 
 def _task_meta_loss(

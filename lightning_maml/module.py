@@ -129,6 +129,7 @@ class MAMLModule(pl.LightningModule):
         ignore = ["net", "optimizer"] + ([] if isinstance(loss, str) else ["loss"])
         self.save_hyperparameters(ignore=ignore)
         self.net = net
+        self.last_meta_output: MetaLossOutput | None = None
         names = ["query_loss_before", "query_loss_after"]
         if self.classification:
             names.append("query_acc_after")
@@ -203,6 +204,7 @@ class MAMLModule(pl.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         episode = as_episode(batch)
         out = self.meta_forward(episode)
+        self.last_meta_output = out._replace(loss=out.loss.detach())  # for MetaGradientLogger
         self.log("train/loss", out.loss.detach(), prog_bar=True, batch_size=len(out.query_losses))
         self._update_metrics("train", out, episode)
         return out.loss

@@ -1,0 +1,317 @@
+"""Check the meta-gradient a MAMLModule is about to apply against float64 finite differences."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from lightning_maml.episode import Episode
+from lightning_maml.functional import LossFn, sgd_step, split_parameters, task_batch_norm
+from lightning_maml.module import MAMLModule, as_episode
+
+
+class MetaGradientMismatch(AssertionError):
+    """Raised by :class:`MetaGradientCheck` when the gradient disagrees with finite differences."""
+
+
+def _adapt(
+    net: nn.Module,
+    params: dict[str, Tensor],
+    constants: dict[str, Tensor],
+    loss_fn: LossFn,
+    x: Tensor,
+    y: Tensor,
+    lr: float,
+    steps: int,
+) -> dict[str, Tensor]:
+    # plain autograd inner loop, values only: the objective's definition, not the engine's code
+    fast = {k: v.detach() for k, v in params.items()}
+    for _ in range(steps):
+        fast = {k: v.requires_grad_() for k, v in fast.items()}
+        loss = loss_fn(functional_call(net, (fast, constants), (x,)), y)
+        grads = torch.autograd.grad(loss, list(fast.values()), allow_unused=True)
+        fast = {k: v.detach() for k, v in sgd_step(fast, dict(zip(fast, grads)), lr).items()}
+    return fast
+
+
+def reference_meta_objective(
+    net: nn.Module,
+    params: Mapping[str, Tensor],
+    loss_fn: LossFn,
+    batch: Episode,
+    inner_lr: float,
+    inner_steps: int,
+    displacements: list[dict[str, Tensor]] | None = None,
+) -> Tensor:
+    """The MAML meta-objective, mean over tasks of the query loss after ``inner_steps`` SGD steps,
+    evaluated task by task with plain autograd (values only).
+
+    With ``displacements`` (one ``adapted - initial`` dict per task) the adaptation is replaced by
+    that fixed displacement: the objective whose gradient is the first-order MAML meta-gradient.
+    """
+    _, constants = split_parameters(net)
+    constants = {k: v for k, v in constants.items() if k not in params}
+    losses = []
+    with task_batch_norm(net), torch.enable_grad():
+        for t in range(batch.support_x.shape[0]):
+            if displacements is None:
+                adapted = _adapt(
+                    net,
+                    dict(params),
+                    constants,
+                    loss_fn,
+                    batch.support_x[t],
+                    batch.support_y[t],
+                    inner_lr,
+                    inner_steps,
+                )
+            else:
+                adapted = {k: v + displacements[t][k] for k, v in params.items()}
+            with torch.no_grad():
+                prediction = functional_call(net, (adapted, constants), (batch.query_x[t],))
+                losses.append(loss_fn(prediction, batch.query_y[t]))
+    return torch.stack(losses).mean()
+
+
+class MetaGradientCheck(Callback):
+    """Compares the meta-gradient the optimizer is about to apply with central finite differences.
+
+    On the steps it checks, the callback takes ``num_directions`` random unit directions ``v`` and
+    compares the directional derivative ``g · v`` of the gradient ``g`` held by the parameters
+    (after DDP averaging, before clipping) with ``[L(θ + εv) − L(θ − εv)] / 2ε``, where ``L`` is the
+    documented objective of the module's algorithm: the mean over tasks of the query loss after
+    the inner loop (``"maml"``), or the query loss at the adapted parameters held fixed
+    (``"fomaml"``). ``L`` is evaluated in float64 on a copy of the network, task by task with plain
+    autograd, so the run's parameters, gradients and RNG state are untouched.
+
+    Under DDP every rank draws the same directions, the losses are averaged across ranks, and the
+    largest error over ranks decides, so all ranks agree. Logged (through every logger):
+    ``meta_grad_check/max_rel_error`` and ``meta_grad_check/fd_derivative_<i>``.
+
+    The relative error of a direction is ``|g·v − fd| / max(|g·v|, |fd|, atol)``.
+
+    Args:
+        every_n_steps: check every this many optimizer steps; ``None`` (default) for none beyond
+            the first.
+        check_first_step: check the first optimizer step of the fit (default ``True``).
+        num_directions: random directions per check (default 3).
+        eps: finite-difference step along a unit direction, in float64 (default 1e-6).
+        rtol: largest accepted relative error (default 1e-3, allowing for float32 gradients).
+        atol: floor of the error's denominator (default 1e-8).
+        on_mismatch: ``"raise"`` (default) raises :class:`MetaGradientMismatch`; ``"warn"`` warns.
+        seed: seed of the directions (combined with the step number).
+
+    Raises:
+        ValueError: on an argument outside the allowed values, at construction.
+        MisconfigurationException: at setup, for a module that is not a ``MAMLModule``, for
+            ``algorithm="reptile"`` (its update is no gradient of an objective), for gradient
+            accumulation, or for a network with dropout (its objective is random).
+
+    Example::
+
+        >>> import lightning.pytorch as pl
+        >>> from lightning_maml import MAMLModule
+        >>> from lightning_maml.callbacks import MetaGradientCheck
+        >>> from lightning_maml.datamodules import SinusoidDataModule
+        >>> from lightning_maml.models import MLP
+        >>> check = MetaGradientCheck(every_n_steps=1)
+        >>> trainer = pl.Trainer(max_steps=2, callbacks=[check], logger=False,
+        ...                      enable_progress_bar=False, enable_model_summary=False,
+        ...                      enable_checkpointing=False)
+        >>> trainer.fit(MAMLModule(MLP()), SinusoidDataModule(meta_batch_size=4,
+        ...                                                    batches_per_epoch=2))
+        >>> check.last_result["max_rel_error"] < 1e-3
+        True
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int | None = None,
+        check_first_step: bool = True,
+        num_directions: int = 3,
+        eps: float = 1e-6,
+        rtol: float = 1e-3,
+        atol: float = 1e-8,
+        on_mismatch: str = "raise",
+        seed: int = 0,
+    ) -> None:
+        if every_n_steps is not None and (
+            isinstance(every_n_steps, bool)
+            or not isinstance(every_n_steps, int)
+            or every_n_steps < 1
+        ):
+            raise ValueError(
+                f"`every_n_steps` must be None or an integer >= 1, got {every_n_steps!r}"
+            )
+        if (
+            isinstance(num_directions, bool)
+            or not isinstance(num_directions, int)
+            or num_directions < 1
+        ):
+            raise ValueError(f"`num_directions` must be an integer >= 1, got {num_directions!r}")
+        for name, value in (("eps", eps), ("rtol", rtol), ("atol", atol)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}")
+        if on_mismatch not in ("raise", "warn"):
+            raise ValueError(f"`on_mismatch` must be 'raise' or 'warn', got {on_mismatch!r}")
+        self.every_n_steps = every_n_steps
+        self.check_first_step = check_first_step
+        self.num_directions = num_directions
+        self.eps = float(eps)
+        self.rtol = float(rtol)
+        self.atol = float(atol)
+        self.on_mismatch = on_mismatch
+        self.seed = seed
+        self._batch: Any = None
+        self._first_step: int | None = None
+        self.last_result: dict[str, Any] = {}
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not isinstance(pl_module, MAMLModule):
+            raise MisconfigurationException(
+                f"MetaGradientCheck needs a MAMLModule, got {type(pl_module).__name__}"
+            )
+        if pl_module.algorithm == "reptile":
+            raise MisconfigurationException(
+                "MetaGradientCheck checks gradients of a meta-objective; algorithm='reptile' "
+                "applies a direction that is not one. Use algorithm 'maml' or 'fomaml'."
+            )
+        if trainer.accumulate_grad_batches != 1:
+            raise MisconfigurationException(
+                "MetaGradientCheck compares one batch's gradient; got "
+                f"accumulate_grad_batches={trainer.accumulate_grad_batches}, need 1"
+            )
+        dropout = [
+            n
+            for n, m in pl_module.net.named_modules()
+            if isinstance(m, nn.modules.dropout._DropoutNd)
+        ]
+        if dropout:
+            raise MisconfigurationException(
+                f"MetaGradientCheck needs a deterministic network; dropout layers {dropout} make "
+                "the meta-objective random"
+            )
+
+    def _due(self, step: int) -> bool:
+        if self._first_step is None:
+            self._first_step = step
+        if self.check_first_step and step == self._first_step:
+            return True
+        return self.every_n_steps is not None and step % self.every_n_steps == 0
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._batch = batch if self._due(trainer.global_step) else None
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: MAMLModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self._batch is None:
+            return
+        batch, self._batch = as_episode(self._batch), None
+        with torch.random.fork_rng(devices=[]):
+            result = self._check(trainer, pl_module, batch)
+        self.last_result = result
+        metrics = {"meta_grad_check/max_rel_error": result["max_rel_error"]}
+        for i, fd in enumerate(result["fd_derivatives"]):
+            metrics[f"meta_grad_check/fd_derivative_{i}"] = fd
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        if result["max_rel_error"] > self.rtol:
+            lines = [
+                f"  direction {i}: gradient·v = {g:.6e}, finite difference = {f:.6e}, "
+                f"relative error {e:.2e}"
+                for i, (g, f, e) in enumerate(
+                    zip(result["grad_derivatives"], result["fd_derivatives"], result["rel_errors"])
+                )
+            ]
+            message = (
+                f"meta-gradient of {type(pl_module).__name__} (algorithm={pl_module.algorithm!r}) "
+                f"disagrees with finite differences at step {trainer.global_step}: largest "
+                f"relative error {result['max_rel_error']:.2e} > rtol {self.rtol:.1e}"
+                + (" (largest over ranks)" if trainer.world_size > 1 else "")
+                + "\n"
+                + "\n".join(lines)
+            )
+            if self.on_mismatch == "raise":
+                raise MetaGradientMismatch(message)
+            warnings.warn(message, stacklevel=2)
+
+    def _check(self, trainer: pl.Trainer, pl_module: MAMLModule, batch: Episode) -> dict[str, Any]:
+        named = [(n, p) for n, p in pl_module.net.named_parameters() if p.requires_grad]
+        grads = {
+            n: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().double()
+            for n, p in named
+        }
+        net = copy.deepcopy(pl_module.net).double()
+        params = {n: p.detach().double() for n, p in named}
+        batch = Episode(*(t.double() if t.is_floating_point() else t for t in batch))
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + trainer.global_step)
+        directions = []
+        for _ in range(self.num_directions):
+            v = {
+                n: torch.randn(p.shape, generator=generator, dtype=torch.float64)
+                for n, p in params.items()
+            }
+            norm = math.sqrt(sum(float((t**2).sum()) for t in v.values()))
+            directions.append({n: t / norm for n, t in v.items()})
+
+        displacements = None
+        if pl_module.algorithm == "fomaml":
+            _, constants = split_parameters(net)
+            constants = {k: v for k, v in constants.items() if k not in params}
+            with task_batch_norm(net), torch.enable_grad():
+                displacements = []
+                for t in range(batch.support_x.shape[0]):
+                    adapted = _adapt(
+                        net,
+                        params,
+                        constants,
+                        pl_module.loss_fn,
+                        batch.support_x[t],
+                        batch.support_y[t],
+                        pl_module.inner_lr,
+                        pl_module.inner_steps,
+                    )
+                    displacements.append({k: adapted[k] - params[k] for k in params})
+
+        def objective(shift: dict[str, Tensor], sign: float) -> Tensor:
+            shifted = {n: p + sign * self.eps * shift[n] for n, p in params.items()}
+            return reference_meta_objective(
+                net,
+                shifted,
+                pl_module.loss_fn,
+                batch,
+                pl_module.inner_lr,
+                pl_module.inner_steps,
+                displacements,
+            )
+
+        fd, gv = [], []
+        for v in directions:
+            pair = torch.stack([objective(v, 1.0), objective(v, -1.0)])
+            pair = trainer.strategy.reduce(pair, reduce_op="mean")  # the loss all ranks optimise
+            fd.append(float((pair[0] - pair[1]) / (2 * self.eps)))
+            gv.append(float(sum((grads[n] * v[n]).sum() for n in grads)))
+        errors = [abs(g - f) / max(abs(g), abs(f), self.atol) for g, f in zip(gv, fd)]
+        worst = torch.tensor(max(errors), dtype=torch.float64)
+        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+            dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+        return {
+            "max_rel_error": float(worst),
+            "rel_errors": errors,
+            "fd_derivatives": fd,
+            "grad_derivatives": gv,
+        }

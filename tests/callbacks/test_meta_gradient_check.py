@@ -1,0 +1,189 @@
+"""MetaGradientCheck passes on correct meta-gradients and catches planted bugs, also under DDP."""
+
+import json
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from tasks import image_tasks, small_conv_net, tanh_mlp
+from torch import nn
+
+import lightning_maml.functional as functional
+from lightning_maml import Episode, MAMLModule
+from lightning_maml.callbacks import MetaGradientCheck, MetaGradientMismatch
+from lightning_maml.datamodules import SinusoidDataModule
+from lightning_maml.datamodules.sinusoid import TaskSet
+from lightning_maml.models import MLP
+
+
+def _fit(module, data, callbacks, max_steps=2, **kwargs):
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=kwargs.pop("devices", 1),
+        max_steps=max_steps,
+        limit_val_batches=0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        callbacks=callbacks,
+        **kwargs,
+    )
+    trainer.fit(module, data)
+    return trainer
+
+
+def _sinusoid(meta_batch_size=4):
+    return SinusoidDataModule(
+        k_shot=5, query_size=5, meta_batch_size=meta_batch_size, batches_per_epoch=3
+    )
+
+
+def _conv_loader():
+    sx, sy, qx, qy = (t.float() if t.is_floating_point() else t for t in image_tasks(n_tasks=6))
+    return torch.utils.data.DataLoader(TaskSet(Episode(sx, sy, qx, qy)), batch_size=3)
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "fomaml"])
+@pytest.mark.parametrize("steps", [1, 5])
+@pytest.mark.parametrize("network", ["mlp", "conv"])
+def test_check_passes_on_correct_meta_gradients(network, steps, algorithm):
+    check = MetaGradientCheck(every_n_steps=1, rtol=1e-6)
+    if network == "mlp":
+        module = MAMLModule(tanh_mlp(), inner_lr=0.3, inner_steps=steps, algorithm=algorithm)
+        data = _sinusoid()
+    else:
+        module = MAMLModule(
+            small_conv_net(),
+            loss="cross_entropy",
+            inner_lr=0.5,
+            inner_steps=steps,
+            algorithm=algorithm,
+        )
+        data = _conv_loader()
+    _fit(module, data, [check], precision="64-true")
+    assert check.last_result["max_rel_error"] < 1e-6
+
+
+def test_check_passes_in_float32_with_default_tolerance():
+    check = MetaGradientCheck(every_n_steps=1)
+    _fit(MAMLModule(MLP(), inner_lr=0.05, inner_steps=2), _sinusoid(), [check])
+    assert check.last_result["max_rel_error"] < 1e-3
+
+
+class DetachedInnerGradient(MAMLModule):
+    """Claims second order but computes the first-order gradient."""
+
+    def meta_forward(self, batch, inner_steps=None, train=True):
+        if not train:
+            return super().meta_forward(batch, inner_steps, train)
+        self.algorithm = "fomaml"
+        try:
+            return super().meta_forward(batch, inner_steps, train)
+        finally:
+            self.algorithm = "maml"
+
+
+class SummedOverTasks(MAMLModule):
+    def meta_forward(self, batch, inner_steps=None, train=True):
+        out = super().meta_forward(batch, inner_steps, train)
+        return out._replace(loss=out.loss * out.query_losses.shape[0])
+
+
+def _mismatched_lr_sgd_step(params, grads, lr):
+    # value uses lr, but the graph differentiates as if it were lr / 2
+    honest = {n: p if grads.get(n) is None else p - lr * grads[n] for n, p in params.items()}
+    graph = {n: p if grads.get(n) is None else p - 0.5 * lr * grads[n] for n, p in params.items()}
+    return {n: graph[n] + (honest[n] - graph[n]).detach() for n in params}
+
+
+@pytest.mark.parametrize("bug", ["detached_inner_gradient", "inner_lr_mismatch", "summed_loss"])
+def test_check_raises_on_planted_bugs(bug, monkeypatch):
+    cls = {"detached_inner_gradient": DetachedInnerGradient, "summed_loss": SummedOverTasks}.get(
+        bug, MAMLModule
+    )
+    if bug == "inner_lr_mismatch":
+        monkeypatch.setattr(functional, "sgd_step", _mismatched_lr_sgd_step)
+    module = cls(tanh_mlp(), inner_lr=0.3, inner_steps=2)
+    with pytest.raises(MetaGradientMismatch, match="disagrees with finite differences") as info:
+        _fit(module, _sinusoid(), [MetaGradientCheck()], precision="64-true")
+    assert "direction 0: gradient·v" in str(info.value)
+
+
+def test_warn_mode_warns_instead_of_raising():
+    check = MetaGradientCheck(on_mismatch="warn")
+    with pytest.warns(UserWarning, match="disagrees with finite differences"):
+        _fit(SummedOverTasks(tanh_mlp(), inner_lr=0.3), _sinusoid(), [check], max_steps=1)
+
+
+def test_check_does_not_change_the_training_trajectory():
+    def run(callbacks):
+        pl.seed_everything(0)
+        module = MAMLModule(MLP(), inner_lr=0.05, inner_steps=2)
+        _fit(module, _sinusoid(), callbacks, max_steps=4)
+        return [p.detach().clone() for p in module.net.parameters()], torch.rand(3)
+
+    with_check, rng_with = run([MetaGradientCheck(every_n_steps=1)])
+    without, rng_without = run([])
+    for a, b in zip(with_check, without):
+        assert torch.equal(a, b)
+    assert torch.equal(rng_with, rng_without)
+
+
+def test_bad_configuration_is_refused():
+    with pytest.raises(ValueError, match="`num_directions` must be an integer >= 1, got 0"):
+        MetaGradientCheck(num_directions=0)
+    with pytest.raises(ValueError, match="`on_mismatch` must be 'raise' or 'warn'"):
+        MetaGradientCheck(on_mismatch="ignore")
+    with pytest.raises(ValueError, match="`eps` must be a finite number > 0"):
+        MetaGradientCheck(eps=0)
+    with pytest.raises(MisconfigurationException, match="algorithm='reptile'"):
+        _fit(MAMLModule(MLP(), algorithm="reptile"), _sinusoid(), [MetaGradientCheck()])
+    dropout_net = nn.Sequential(nn.Linear(1, 8), nn.Dropout(0.1), nn.Linear(8, 1))
+    with pytest.raises(MisconfigurationException, match="dropout layers"):
+        _fit(MAMLModule(dropout_net), _sinusoid(), [MetaGradientCheck()])
+
+
+class _Record(Callback):
+    def __init__(self, check, directory):
+        self.check, self.directory = check, directory
+
+    def on_train_end(self, trainer, pl_module):
+        path = f"{self.directory}/rank{trainer.global_rank}.json"
+        with open(path, "w") as f:
+            json.dump(self.check.last_result, f)
+
+
+class UnsyncedGradients(MAMLModule):
+    """DDP does not average this module's gradients: each rank applies its own."""
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self.trainer.strategy.model.require_backward_grad_sync = False
+
+
+def _ddp_check(module, directory):
+    check = MetaGradientCheck(every_n_steps=1, rtol=1e-6)
+    _fit(
+        module,
+        _sinusoid(meta_batch_size=2),
+        [check, _Record(check, directory)],
+        devices=2,
+        strategy="ddp_spawn",
+        precision="64-true",
+        max_steps=2,
+    )
+
+
+def test_ddp_check_passes_and_logs_identical_figures_on_both_ranks(tmp_path):
+    _ddp_check(MAMLModule(tanh_mlp(), inner_lr=0.3, inner_steps=2), tmp_path)
+    rank0 = json.loads((tmp_path / "rank0.json").read_text())
+    rank1 = json.loads((tmp_path / "rank1.json").read_text())
+    assert rank0 == rank1
+    assert rank0["max_rel_error"] < 1e-6
+
+
+def test_ddp_check_catches_gradients_not_averaged_across_ranks(tmp_path):
+    with pytest.raises(Exception, match="disagrees with finite differences"):
+        _ddp_check(UnsyncedGradients(tanh_mlp(), inner_lr=0.3, inner_steps=2), tmp_path)
