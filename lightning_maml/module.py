@@ -53,7 +53,9 @@ class MAMLModule(pl.LightningModule):
 
     Logged metrics (``stage`` is ``train``, ``val`` or ``test``): ``{stage}/query_loss_before`` and
     ``{stage}/query_loss_after`` (mean query loss before and after adaptation),
-    ``{stage}/query_acc_after`` for classification, and ``train/loss`` (the meta-loss).
+    ``{stage}/query_acc_after`` for classification, and ``train/loss`` (the meta-loss). Training
+    values are logged on the trainer's logging steps (``log_every_n_steps``) and as epoch means
+    over every step (``train/<name>_epoch``).
 
     Args:
         net: the network; any ``nn.Module``.
@@ -179,35 +181,53 @@ class MAMLModule(pl.LightningModule):
         (the mean over the batch's tasks)."""
         return self.meta_forward(batch).loss
 
-    def _update_metrics(self, stage: str, out: MetaLossOutput, batch: Episode) -> None:
+    def _metric_values(self, out: MetaLossOutput, batch: Episode) -> dict[str, Tensor]:
         values: dict[str, Tensor] = {"query_loss_after": out.query_losses}
         if out.initial_query_losses is not None:
             values["query_loss_before"] = out.initial_query_losses
         if self.classification:
             correct = out.query_predictions.argmax(dim=2) == batch.query_y
             values["query_acc_after"] = correct.float().flatten()
-        metrics = getattr(self, f"{stage}_metrics")
-        for name, value in values.items():
-            if stage == "train":
-                metrics[name](value)  # forward: also keeps this batch's value for on_step logging
-            else:
-                metrics[name].update(value)
-            self.log(
-                f"{stage}/{name}",
-                metrics[name],
-                on_step=stage == "train",
-                on_epoch=True,
-                prog_bar=name != "query_loss_before",
-                batch_size=batch.support_x.shape[0],
-            )
+        return values
+
+    def _is_logging_step(self) -> bool:
+        # the steps on which Lightning writes step-level values to the loggers
+        trainer = self.trainer
+        return (self.global_step + 1) % trainer.log_every_n_steps == 0 or trainer.should_stop
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         episode = as_episode(batch)
         out = self.meta_forward(episode)
         self.last_meta_output = out._replace(loss=out.loss.detach())  # for MetaGradientLogger
-        self.log("train/loss", out.loss.detach(), prog_bar=True, batch_size=len(out.query_losses))
-        self._update_metrics("train", out, episode)
+        values = self._metric_values(out, episode)
+        for name, value in values.items():
+            self.train_metrics[name].update(value)
+        # self.log is costly next to a small meta-batch: step values go out on logging steps only,
+        # epoch means (torchmetrics, every step included) in on_train_epoch_end
+        if self._is_logging_step():
+            step_values = {f"train/{name}": v.mean() for name, v in values.items()}
+            step_values["train/loss"] = out.loss.detach()
+            self.log_dict(step_values, prog_bar=True, batch_size=len(out.query_losses))
         return out.loss
+
+    def on_train_epoch_end(self) -> None:
+        for name, metric in self.train_metrics.items():
+            if metric.update_called:
+                self.log(f"train/{name}_epoch", metric.compute())
+                metric.reset()
+
+    def _update_metrics(self, stage: str, out: MetaLossOutput, batch: Episode) -> None:
+        metrics = getattr(self, f"{stage}_metrics")
+        for name, value in self._metric_values(out, batch).items():
+            metrics[name].update(value)
+            self.log(
+                f"{stage}/{name}",
+                metrics[name],
+                on_step=False,
+                on_epoch=True,
+                prog_bar=name != "query_loss_before",
+                batch_size=batch.support_x.shape[0],
+            )
 
     def _evaluate(self, batch: Any, stage: str) -> None:
         # Lightning evaluates under inference mode; the inner loop needs autograd, and inference

@@ -90,8 +90,8 @@ def test_double_precision_gradient_clipping_and_csv_logger(tmp_path):
     header = (tmp_path / "run" / "version_0" / "metrics.csv").read_text().splitlines()[0]
     for name in [
         "train/loss",
-        "train/query_loss_after_step",
-        "train/query_loss_before_step",
+        "train/query_loss_after",
+        "train/query_loss_before_epoch",
         "val/query_loss_after",
         "val/query_loss_before",
     ]:

@@ -1,0 +1,292 @@
+"""Meta-training throughput and memory: engine (vmap, loop), MAML wrapper loop, Trainer.fit.
+
+For each workload, one meta-iteration is: zero grads, meta-gradient of a batch of tasks, Adam step.
+Variants, all on the same batch and checked to give the same gradient (to 1e-5) before timing:
+
+- ``wrapper loop``: the learn2learn-style per-task loop with ``lightning_maml.MAML`` (clone, adapt,
+  query loss, backward, one task after another) -- the baseline of the ratio column;
+- ``engine loop`` / ``engine vmap``: ``lightning_maml.functional.meta_loss`` with the tasks in a
+  Python loop / under ``torch.func.vmap``;
+- ``Trainer.fit``: ``MAMLModule`` meta-trained by Lightning (progress bar, logger and checkpoints
+  off) for the timed number of steps, data from the DataModule included.
+
+Reported: median seconds per meta-iteration (after warm-up), iterations per second, peak memory of
+one iteration (torch allocations, from the profiler on CPU; ``max_memory_allocated`` on CUDA) and
+the speed ratio to the wrapper loop measured in the same run. A second table gives EEGNet's peak
+memory against the number of inner steps.
+
+    python scripts/bench.py [--device cuda] [--iterations 20] [--json outputs/bench.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import lightning.pytorch as pl
+import torch
+from benchtools import median, print_table, time_call, write_json
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from lightning_maml import MAML, Episode, MAMLModule
+from lightning_maml.datamodules import SinusoidDataModule, sample_sinusoid_tasks
+from lightning_maml.datamodules.sinusoid import TaskSet
+from lightning_maml.functional import meta_loss, resolve_loss, uses_vmap
+from lightning_maml.models import MLP
+from lightning_maml.models.eegnet import EEGNet
+
+
+@dataclass
+class Workload:
+    name: str
+    make_net: Callable[[], nn.Module]
+    loss: str
+    batch: Episode
+    inner_steps: int
+    algorithm: str
+    datamodule: Callable[[], pl.LightningDataModule | DataLoader]
+
+
+def sinusoid_workload(steps: int, algorithm: str) -> Workload:
+    batch = sample_sinusoid_tasks(25, 10, 10, generator=torch.Generator().manual_seed(0))
+    return Workload(
+        f"sinusoid MLP, 25 tasks, {steps} step{'s' * (steps > 1)}, {algorithm}",
+        MLP,
+        "mse",
+        batch,
+        steps,
+        algorithm,
+        lambda: SinusoidDataModule(meta_batch_size=25, batches_per_epoch=10_000),
+    )
+
+
+def eegnet_batch(n_tasks: int = 4, n_way: int = 4, shots: int = 5, query: int = 5) -> Episode:
+    g = torch.Generator().manual_seed(0)
+    sx = torch.randn(n_tasks, n_way * shots, 22, 500, generator=g)
+    qx = torch.randn(n_tasks, n_way * query, 22, 500, generator=g)
+    sy = torch.arange(n_way).repeat_interleave(shots).expand(n_tasks, -1).contiguous()
+    qy = torch.arange(n_way).repeat_interleave(query).expand(n_tasks, -1).contiguous()
+    return Episode(sx, sy, qx, qy)
+
+
+def eegnet_workload(steps: int) -> Workload:
+    batch = eegnet_batch()
+    return Workload(
+        f"EEGNet 22x500, 4-way 5+5, 4 tasks, {steps} step{'s' * (steps > 1)}, maml",
+        lambda: EEGNet(22, 500, 4, sampling_rate=250, dropout=0.0),
+        "cross_entropy",
+        batch,
+        steps,
+        "maml",
+        lambda: DataLoader(TaskSet(batch), batch_size=4),
+    )
+
+
+def wrapper_meta_gradient(net: nn.Module, w: Workload, batch: Episode) -> None:
+    loss_fn = resolve_loss(w.loss)
+    maml = MAML(net, lr=0.01, first_order=w.algorithm == "fomaml")
+    n_tasks = batch.support_x.shape[0]
+    for t in range(n_tasks):
+        learner = maml.clone()
+        for _ in range(w.inner_steps):
+            learner.adapt(loss_fn(learner(batch.support_x[t]), batch.support_y[t]))
+        (loss_fn(learner(batch.query_x[t]), batch.query_y[t]) / n_tasks).backward()
+
+
+def engine_meta_gradient(net: nn.Module, w: Workload, batch: Episode, mode: str) -> None:
+    meta_loss(
+        net,
+        w.loss,
+        *batch,
+        inner_lr=0.01,
+        inner_steps=w.inner_steps,
+        algorithm=w.algorithm,
+        vectorize=mode,
+        track_initial_loss=False,
+    ).loss.backward()
+
+
+def gradients(net: nn.Module, step: Callable[[], None]) -> list[Tensor]:
+    net.zero_grad()
+    step()
+    return [p.grad.clone() for p in net.parameters()]
+
+
+def peak_memory_mib(fn: Callable[[], None], device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+    ) as prof:
+        fn()
+    # each op's own allocations minus frees, in time order: the running total's maximum
+    events = sorted(
+        (e.time_range.start, e.self_cpu_memory_usage)
+        for e in prof.events()
+        if e.self_cpu_memory_usage
+    )
+    level = peak = 0
+    for _, delta in events:
+        level += delta
+        peak = max(peak, level)
+    return peak / 2**20
+
+
+def time_trainer_fit(w: Workload, iterations: int, device: str) -> float:
+    pl.seed_everything(0, verbose=False)
+    module = MAMLModule(
+        w.make_net(), loss=w.loss, inner_lr=0.01, inner_steps=w.inner_steps, algorithm=w.algorithm
+    )
+    data = w.datamodule()
+    kwargs = dict(
+        accelerator="gpu" if device == "cuda" else "cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+    )
+    warm = 5
+    total = warm + iterations
+
+    class Timer(pl.Callback):
+        start = 0.0
+
+        def on_train_batch_start(self, trainer, *args):
+            if trainer.global_step == warm:
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                Timer.start = time.perf_counter()
+
+    trainer = pl.Trainer(max_steps=total, callbacks=[Timer()], **kwargs)
+    if isinstance(data, DataLoader):
+        trainer.fit(module, train_dataloaders=data)  # the loader is re-iterated every epoch
+    else:
+        trainer.fit(module, data)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - Timer.start) / iterations
+
+
+def bench_workload(w: Workload, iterations: int, device: str) -> list[dict]:
+    torch.manual_seed(0)
+    net = w.make_net().to(device)
+    batch = Episode(*(t.to(device) for t in w.batch))
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    variants: dict[str, Callable[[], None]] = {
+        "wrapper loop": lambda: wrapper_meta_gradient(net, w, batch),
+        "engine loop": lambda: engine_meta_gradient(net, w, batch, "loop"),
+    }
+    vmap_note = ""
+    if uses_vmap(net, w.algorithm, "auto"):
+        variants["engine vmap"] = lambda: engine_meta_gradient(net, w, batch, "vmap")
+    else:
+        vmap_note = "vmap refused (BatchNorm, second order): auto runs the loop"
+    reference = gradients(net, variants["wrapper loop"])
+    for name, step in variants.items():
+        for a, b in zip(reference, gradients(net, step)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"{w.name}: {name}")
+
+    rows = []
+    for name, step in variants.items():
+
+        def iteration(step=step):
+            optimizer.zero_grad()
+            step()
+            optimizer.step()
+            if device == "cuda":
+                torch.cuda.synchronize()
+
+        seconds = median(time_call(iteration, warmup=3, iterations=iterations))
+        rows.append(
+            {
+                "workload": w.name,
+                "variant": name,
+                "s_per_it": seconds,
+                "peak_mib": peak_memory_mib(iteration, device),
+            }
+        )
+    rows.append(
+        {
+            "workload": w.name,
+            "variant": "Trainer.fit",
+            "s_per_it": time_trainer_fit(w, iterations, device),
+            "peak_mib": math.nan,
+        }
+    )
+    base = rows[0]["s_per_it"]
+    for row in rows:
+        row["it_per_s"] = 1 / row["s_per_it"]
+        row["speedup"] = base / row["s_per_it"]
+        row["note"] = vmap_note if row["variant"] == "engine loop" else ""
+    return rows
+
+
+def memory_vs_steps(device: str, steps_list: list[int]) -> list[dict]:
+    rows = []
+    batch = Episode(*(t.to(device) for t in eegnet_batch()))
+    for steps in steps_list:
+        torch.manual_seed(0)
+        net = EEGNet(22, 500, 4, sampling_rate=250, dropout=0.0).to(device)
+        w = Workload("", lambda net=net: net, "cross_entropy", batch, steps, "maml", lambda: None)
+        peak = peak_memory_mib(partial(engine_meta_gradient, net, w, batch, "auto"), device)
+        rows.append({"inner_steps": steps, "peak_mib": peak})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--iterations", type=int, default=20)
+    parser.add_argument("--json", default="outputs/bench.json")
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    workloads = [sinusoid_workload(s, a) for s in (1, 5) for a in ("maml", "fomaml")]
+    workloads += [eegnet_workload(s) for s in (1, 5)]
+    rows = []
+    for w in workloads:
+        rows += bench_workload(w, args.iterations, args.device)
+        print(f"done: {w.name}", flush=True)
+    print(
+        f"\nmeta-iteration (grads + Adam step), device {args.device}, "
+        f"{torch.get_num_threads()} threads, median of {args.iterations}\n"
+    )
+    print_table(
+        rows,
+        [
+            ("workload", "workload", "s"),
+            ("variant", "variant", "s"),
+            ("s_per_it", "s/it", ".4f"),
+            ("it_per_s", "it/s", ".1f"),
+            ("peak_mib", "peak MiB", ".1f"),
+            ("speedup", "vs wrapper loop", ".1f"),
+            ("note", "note", "s"),
+        ],
+    )
+    memory = memory_vs_steps(args.device, [1, 5, 10, 20])
+    print("\nEEGNet second-order MAML, peak memory of one meta-gradient vs inner steps\n")
+    print_table(
+        memory,
+        [
+            ("inner_steps", "inner steps", "d"),
+            ("checkpointing", "checkpointing", ""),
+            ("peak_mib", "peak MiB", ".1f"),
+        ],
+    )
+    write_json(args.json, {"device": args.device, "rows": rows, "memory": memory})
+
+
+if __name__ == "__main__":
+    main()
