@@ -1,0 +1,128 @@
+"""N-way K-shot episodes from any labelled data grouped by task (e.g. one task per EEG subject)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from lightning_maml.episode import Episode
+
+
+class EpisodicDataset(Dataset):
+    """Item ``i`` is a seeded N-way K-shot episode drawn from one task's trials.
+
+    For episode ``i`` the task is ``tasks[i % len(tasks)]``; ``n_way`` of its classes are drawn,
+    and for each class ``k_shot + query_size`` distinct trials (without replacement inside the
+    episode), the first ``k_shot`` for the support set and the rest for the query set, so both sets
+    are class-balanced. The draw depends only on ``(seed, i)``: a dataset with a fixed seed is a
+    fixed episode set.
+
+    Args:
+        x: ``[N, *features]`` trials.
+        y: ``[N]`` integer class labels.
+        task_ids: ``[N]`` task of each trial (e.g. subject numbers).
+        n_way: classes per episode.
+        k_shot: support trials per class.
+        query_size: query trials per class.
+        num_episodes: length of the dataset.
+        tasks: the tasks to draw from (default: every task in ``task_ids``, sorted).
+        relabel: map the episode's classes to ``0..n_way-1`` in drawn order (default ``True``);
+            ``False`` keeps the original labels.
+        seed: seed of the draws.
+
+    Raises:
+        ValueError: on counts below 1, mismatched lengths, an unknown task, or a task with fewer
+            than ``n_way`` classes holding ``k_shot + query_size`` trials (naming task and class).
+
+    Example::
+
+        >>> import torch
+        >>> x, y = torch.randn(40, 3), torch.arange(40) % 2
+        >>> episodes = EpisodicDataset(x, y, torch.zeros(40), n_way=2, k_shot=5, query_size=3,
+        ...                            num_episodes=10)
+        >>> episodes[0].support_x.shape, episodes[0].query_y.tolist()
+        (torch.Size([10, 3]), [0, 0, 0, 1, 1, 1])
+    """
+
+    def __init__(
+        self,
+        x: Tensor,
+        y: Tensor,
+        task_ids: Tensor | np.ndarray | Sequence,
+        n_way: int,
+        k_shot: int,
+        query_size: int,
+        num_episodes: int,
+        tasks: Sequence | None = None,
+        relabel: bool = True,
+        seed: int = 0,
+    ) -> None:
+        for name, value in (
+            ("n_way", n_way),
+            ("k_shot", k_shot),
+            ("query_size", query_size),
+            ("num_episodes", num_episodes),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}")
+        task_ids = np.asarray(task_ids)
+        y = torch.as_tensor(y)
+        if not (len(x) == len(y) == len(task_ids)):
+            raise ValueError(
+                f"`x`, `y` and `task_ids` must have the same length, got {len(x)}, {len(y)} and "
+                f"{len(task_ids)}"
+            )
+        self.x, self.y = x, y
+        self.n_way, self.k_shot, self.query_size = n_way, k_shot, query_size
+        self.num_episodes, self.relabel, self.seed = num_episodes, relabel, seed
+        present = sorted(set(task_ids.tolist()))
+        self.tasks = list(present if tasks is None else tasks)
+        if not self.tasks:
+            raise ValueError("no task to draw episodes from: `tasks` is empty")
+        need = k_shot + query_size
+        self.pools: dict = {}
+        labels = y.numpy()
+        for task in self.tasks:
+            if task not in present:
+                raise ValueError(f"task {task!r} has no trials; tasks present: {present}")
+            in_task = np.flatnonzero(task_ids == task)
+            counts = {int(c): in_task[labels[in_task] == c] for c in np.unique(labels[in_task])}
+            usable = {c: idx for c, idx in counts.items() if len(idx) >= need}
+            if len(usable) < n_way:
+                short = {c: len(idx) for c, idx in counts.items() if len(idx) < need}
+                raise ValueError(
+                    f"task {task!r} has {len(usable)} classes with at least k_shot + query_size = "
+                    f"{need} trials, {n_way} needed (n_way); trials per class short of that: "
+                    f"{short}"
+                )
+            self.pools[task] = usable
+
+    def __len__(self) -> int:
+        return self.num_episodes
+
+    def __getitem__(self, index: int) -> Episode:
+        if not 0 <= index < self.num_episodes:
+            raise IndexError(f"episode {index} out of range({self.num_episodes})")
+        rng = np.random.default_rng([self.seed, index])
+        pool = self.pools[self.tasks[index % len(self.tasks)]]
+        classes = rng.choice(sorted(pool), size=self.n_way, replace=False)
+        support, query, support_y, query_y = [], [], [], []
+        for position, c in enumerate(classes):
+            picked = rng.choice(pool[c], size=self.k_shot + self.query_size, replace=False)
+            label = position if self.relabel else int(c)
+            support.append(picked[: self.k_shot])
+            query.append(picked[self.k_shot :])
+            support_y += [label] * self.k_shot
+            query_y += [label] * self.query_size
+        support_idx = torch.as_tensor(np.concatenate(support))
+        query_idx = torch.as_tensor(np.concatenate(query))
+        return Episode(
+            self.x[support_idx],
+            torch.tensor(support_y),
+            self.x[query_idx],
+            torch.tensor(query_y),
+        )

@@ -1,0 +1,254 @@
+"""EEG episodes through MOABB: a task is a subject, an episode is N-way K-shot trials from it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from lightning_maml.datamodules.episodic import EpisodicDataset
+
+
+def _resolve(value: Any, module_name: str, kwargs: dict | None, argument: str) -> Any:
+    if not isinstance(value, str):
+        return value
+    import importlib
+
+    module = importlib.import_module(module_name)
+    if not hasattr(module, value):
+        raise ValueError(f"`{argument}` {value!r} is not a class of {module_name}")
+    return getattr(module, value)(**(kwargs or {}))
+
+
+def _describe(obj: Any) -> str:
+    state = {k: repr(v) for k, v in sorted(vars(obj).items()) if not k.startswith("_")}
+    return json.dumps([type(obj).__module__, type(obj).__qualname__, state], sort_keys=True)
+
+
+def mne_data_folder() -> str:
+    """The folder MNE downloads datasets to (``MNE_DATA`` or its default)."""
+    import mne
+
+    return os.environ.get("MNE_DATA") or mne.get_config("MNE_DATA") or str(Path.home() / "mne_data")
+
+
+class MOABBDataModule(pl.LightningDataModule):
+    """Few-shot EEG episodes from a MOABB dataset, one task per subject.
+
+    The dataset says what was recorded; the paradigm how to cut it into trials. Data are loaded
+    with MOABB's own ``paradigm.get_data`` (downloads, when needed, go to MNE's data folder),
+    standardised per subject (each channel to zero mean and unit variance over that subject's
+    trials), and cached on disk as ``.npz`` per subject, keyed by the dataset, the subject and the
+    paradigm settings, so a second run skips MNE. Subjects are split into meta-train, meta-val and
+    meta-test sets; episodes are N-way K-shot with class-balanced support and query sets
+    (:class:`~lightning_maml.datamodules.episodic.EpisodicDataset`).
+
+    Args:
+        dataset: a MOABB dataset instance, or a class name in ``moabb.datasets``.
+        paradigm: a MOABB paradigm instance, or a class name in ``moabb.paradigms`` (default
+            ``"MotorImagery"``), built with ``paradigm_kwargs`` (e.g. ``events``, ``fmin``,
+            ``fmax``, ``tmin``, ``tmax``, ``resample``).
+        train_subjects, val_subjects, test_subjects: explicit subject lists; any left ``None`` are
+            drawn (seeded) from the remaining subjects with ``val_fraction`` / ``test_fraction``.
+        n_way, k_shot, query_size: classes per episode, support and query trials per class.
+        meta_batch_size: episodes (tasks) per batch.
+        episodes_per_epoch: training episodes per epoch; num_eval_episodes: per val/test split.
+        standardize: ``"subject"`` (default) or ``"none"``.
+        cache_dir: where preprocessed arrays go (default ``<MNE data folder>/lightning_maml``).
+        seed: seed of the split and the episodes.
+
+    Raises:
+        ValueError: on unknown subjects, overlapping splits, an empty split or counts below 1.
+        RuntimeError: if a subject's data cannot be loaded (e.g. offline without the files),
+            naming the dataset and the MNE data folder.
+
+    Example::
+
+        >>> from moabb.datasets.fake import FakeDataset
+        >>> dataset = FakeDataset(event_list=("left_hand", "right_hand"), n_subjects=4,
+        ...                       n_sessions=1, n_runs=1, n_events=40, duration=100, seed=0)
+        >>> dm = MOABBDataModule(dataset, "LeftRightImagery", {"resample": 64},
+        ...                      train_subjects=[1, 2], val_subjects=[3], test_subjects=[4],
+        ...                      n_way=2, k_shot=5, query_size=5, meta_batch_size=2,
+        ...                      cache_dir=None)
+        >>> dm.prepare_data(); dm.setup("fit")
+        >>> next(iter(dm.train_dataloader())).support_x.shape
+        torch.Size([2, 10, 3, 192])
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        paradigm: Any = "MotorImagery",
+        paradigm_kwargs: dict | None = None,
+        train_subjects: Sequence[int] | None = None,
+        val_subjects: Sequence[int] | None = None,
+        test_subjects: Sequence[int] | None = None,
+        val_fraction: float = 0.2,
+        test_fraction: float = 0.2,
+        n_way: int = 2,
+        k_shot: int = 5,
+        query_size: int = 5,
+        meta_batch_size: int = 4,
+        episodes_per_epoch: int = 200,
+        num_eval_episodes: int = 100,
+        standardize: str = "subject",
+        cache_dir: str | None = "default",
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        for name, value in (
+            ("n_way", n_way),
+            ("k_shot", k_shot),
+            ("query_size", query_size),
+            ("meta_batch_size", meta_batch_size),
+            ("episodes_per_epoch", episodes_per_epoch),
+            ("num_eval_episodes", num_eval_episodes),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}")
+        if standardize not in ("subject", "none"):
+            raise ValueError(f"`standardize` must be 'subject' or 'none', got {standardize!r}")
+        self.dataset = _resolve(dataset, "moabb.datasets", None, "dataset")
+        self.paradigm = _resolve(paradigm, "moabb.paradigms", paradigm_kwargs, "paradigm")
+        self._paradigm_key = _describe(self.paradigm)  # before get_data, which sets attributes
+        self.splits = self._split(
+            train_subjects, val_subjects, test_subjects, val_fraction, test_fraction, seed
+        )
+        self.n_way, self.k_shot, self.query_size = n_way, k_shot, query_size
+        self.meta_batch_size = meta_batch_size
+        self.episodes_per_epoch, self.num_eval_episodes = episodes_per_epoch, num_eval_episodes
+        self.standardize, self.seed, self.num_workers = standardize, seed, num_workers
+        if cache_dir == "default":
+            cache_dir = str(Path(mne_data_folder()) / "lightning_maml")
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.classes: list[str] = []
+        self.data: dict[str, tuple[torch.Tensor, torch.Tensor, np.ndarray]] = {}
+
+    def _split(self, train, val, test, val_fraction, test_fraction, seed) -> dict[str, list[int]]:
+        available = list(self.dataset.subject_list)
+        given = {"train": train, "val": val, "test": test}
+        for name, subjects in given.items():
+            unknown = sorted(set(subjects or []) - set(available))
+            if unknown:
+                raise ValueError(
+                    f"`{name}_subjects` holds subjects {unknown} that {self.dataset.code} does not "
+                    f"have; its subjects are {available}"
+                )
+        taken = [s for subjects in given.values() for s in (subjects or [])]
+        if len(taken) != len(set(taken)):
+            raise ValueError(f"the subject splits overlap: {given}")
+        rest = [s for s in available if s not in taken]
+        rng = np.random.default_rng(seed)
+        rest = [rest[i] for i in rng.permutation(len(rest))]
+        splits = {}
+        for name, fraction in (("test", test_fraction), ("val", val_fraction)):
+            if given[name] is None:
+                n = int(round(fraction * len(available)))
+                splits[name], rest = rest[:n], rest[n:]
+            else:
+                splits[name] = list(given[name])
+        splits["train"] = list(given["train"]) if given["train"] is not None else rest
+        if not splits["train"]:
+            raise ValueError(f"no subjects left for meta-training: {splits}")
+        return splits
+
+    def _cache_path(self, subject: int) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        d = self.dataset
+        dataset_key = [type(d).__qualname__, d.code, repr(d.event_id), repr(d.interval)]
+        key = json.dumps([dataset_key, self._paradigm_key, subject])
+        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+        return self.cache_dir / f"{self.dataset.code}-subject{subject}-{digest}.npz"
+
+    def load_subject(self, subject: int) -> tuple[np.ndarray, np.ndarray]:
+        """Trials ``[n, channels, samples]`` (float32) and string labels of one subject, from the
+        cache when present, else through ``paradigm.get_data``."""
+        path = self._cache_path(subject)
+        if path is not None and path.exists():
+            with np.load(path, allow_pickle=False) as cached:
+                return cached["x"], cached["y"]
+        try:
+            x, y, _ = self.paradigm.get_data(dataset=self.dataset, subjects=[subject])
+        except Exception as error:  # MNE/MOABB raise many kinds when files are missing offline
+            raise RuntimeError(
+                f"could not load subject {subject} of {self.dataset.code} through "
+                f"{type(self.paradigm).__name__}.get_data ({type(error).__name__}: {error}). "
+                f"Without network access the files must already be in the MNE data folder "
+                f"{mne_data_folder()!r} (set MNE_DATA to change it)."
+            ) from error
+        x, y = x.astype(np.float32), np.asarray(y).astype(str)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(path, x=x, y=y)
+        return x, y
+
+    def prepare_data(self) -> None:
+        for subjects in self.splits.values():
+            for subject in subjects:
+                self.load_subject(subject)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.data:
+            return
+        loaded = {s: self.load_subject(s) for subjects in self.splits.values() for s in subjects}
+        self.classes = sorted({label for _, y in loaded.values() for label in y})
+        index = {c: i for i, c in enumerate(self.classes)}
+        for split, subjects in self.splits.items():
+            xs, ys, ids = [], [], []
+            for s in subjects:
+                x, y = loaded[s]
+                if self.standardize == "subject":
+                    mean = x.mean(axis=(0, 2), keepdims=True)
+                    std = x.std(axis=(0, 2), keepdims=True) + 1e-8
+                    x = (x - mean) / std
+                xs.append(torch.as_tensor(x))
+                ys.append(torch.as_tensor([index[c] for c in y]))
+                ids.append(np.full(len(y), s))
+            if xs:
+                self.data[split] = (torch.cat(xs), torch.cat(ys), np.concatenate(ids))
+
+    def episodes(
+        self,
+        split: str,
+        num_episodes: int | None = None,
+        seed: int | None = None,
+        k_shot: int | None = None,
+    ) -> EpisodicDataset:
+        """The episode set of ``"train"``, ``"val"`` or ``"test"`` subjects."""
+        if split not in self.data:
+            raise ValueError(f"split {split!r} has no subjects: {self.splits}")
+        x, y, ids = self.data[split]
+        offset = {"train": 0, "val": 1, "test": 2}[split]
+        return EpisodicDataset(
+            x,
+            y,
+            ids,
+            self.n_way,
+            self.k_shot if k_shot is None else k_shot,
+            self.query_size,
+            num_episodes or self.num_eval_episodes,
+            seed=self.seed * 3 + offset if seed is None else seed,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        episodes = self.episodes("train", self.episodes_per_epoch)
+        return DataLoader(
+            episodes, batch_size=self.meta_batch_size, shuffle=True, num_workers=self.num_workers
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.episodes("val"), batch_size=self.meta_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self.episodes("test"), batch_size=self.meta_batch_size)

@@ -1,0 +1,165 @@
+"""MOABBDataModule through MOABB's real loading path: FakeDataset, cache, errors, real PhysioNet."""
+
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("moabb")
+from moabb.datasets.fake import FakeDataset  # noqa: E402
+
+from lightning_maml.datamodules import MOABBDataModule  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "mne_data"
+
+
+def _fake(**kwargs):
+    return FakeDataset(
+        event_list=("left_hand", "right_hand"),
+        n_subjects=4,
+        n_sessions=1,
+        n_runs=1,
+        n_events=40,
+        duration=100,
+        seed=0,
+        **kwargs,
+    )
+
+
+def _module(tmp_path, **kwargs):
+    defaults = dict(
+        paradigm="LeftRightImagery",
+        paradigm_kwargs={"resample": 64},
+        train_subjects=[1, 2],
+        val_subjects=[3],
+        test_subjects=[4],
+        n_way=2,
+        k_shot=3,
+        query_size=4,
+        meta_batch_size=2,
+        cache_dir=str(tmp_path),
+    )
+    return MOABBDataModule(_fake(), **{**defaults, **kwargs})
+
+
+def test_fake_dataset_episodes_and_standardisation(tmp_path):
+    dm = _module(tmp_path)
+    dm.prepare_data()
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch.support_x.shape == (2, 6, 3, 192) and batch.query_x.shape == (2, 8, 3, 192)
+    assert batch.support_y[0].tolist() == [0, 0, 0, 1, 1, 1]
+    assert dm.classes == ["left_hand", "right_hand"]
+    x, _, ids = dm.data["train"]
+    subject1 = x[torch.as_tensor(ids == 1)]
+    assert subject1.mean(dim=(0, 2)).abs().max() < 1e-4
+    assert (subject1.std(dim=(0, 2)) - 1).abs().max() < 1e-2
+    assert len(list(dm.val_dataloader())) == 50
+
+
+def test_second_load_hits_the_cache(tmp_path, monkeypatch):
+    dm = _module(tmp_path)
+    dm.prepare_data()
+    assert len(list(tmp_path.glob("*.npz"))) == 4
+    again = _module(tmp_path)
+
+    def no_mne(*args, **kwargs):
+        raise AssertionError("the cache was not used")
+
+    monkeypatch.setattr(again.paradigm, "get_data", no_mne)
+    again.prepare_data()
+    again.setup()
+    np.testing.assert_array_equal(again.data["train"][0].numpy(), _loaded(dm))
+    # other paradigm settings are another cache entry
+    other = _module(tmp_path, paradigm_kwargs={"resample": 32})
+    other.prepare_data()
+    assert len(list(tmp_path.glob("*.npz"))) == 8
+
+
+def _loaded(dm):
+    dm.setup()
+    return dm.data["train"][0].numpy()
+
+
+def test_bad_subjects_and_splits_are_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"`val_subjects` holds subjects \[9\]"):
+        _module(tmp_path, val_subjects=[9])
+    with pytest.raises(ValueError, match="the subject splits overlap"):
+        _module(tmp_path, val_subjects=[1])
+    with pytest.raises(ValueError, match="`k_shot` must be an integer >= 1"):
+        _module(tmp_path, k_shot=0)
+
+
+def test_too_few_trials_for_the_episode_is_a_clear_error(tmp_path):
+    dm = _module(tmp_path, k_shot=15, query_size=15)
+    dm.setup()
+    with pytest.raises(ValueError, match="task 1 has 0 classes with at least"):
+        dm.train_dataloader()
+
+
+def test_missing_files_offline_name_dataset_and_data_folder(tmp_path, monkeypatch):
+    from moabb.datasets import PhysionetMI
+
+    monkeypatch.setenv("MNE_DATA", str(tmp_path / "empty"))
+    monkeypatch.setenv("MNE_DATASETS_EEGBCI_PATH", str(tmp_path / "empty"))
+    monkeypatch.setenv("MOABB_DOWNLOAD_PROVIDER", "upstream")
+    dataset = PhysionetMI(imagined=True)
+    dataset.feet_runs = []
+    dm = MOABBDataModule(
+        dataset,
+        "LeftRightImagery",
+        train_subjects=[2],
+        val_subjects=[],
+        test_subjects=[],
+        cache_dir=None,
+    )
+    # the data folder does not exist, so MNE refuses before any download is tried
+    with pytest.raises(
+        RuntimeError,
+        match=r"could not load subject 2 of PhysionetMotorImagery.*MNE data folder .*empty",
+    ):
+        dm.prepare_data()
+
+
+@pytest.mark.skipif(not SHARED.exists(), reason=f"real PhysioNet files not found at {SHARED}")
+def test_real_physionet_subject_through_moabb(tmp_path, monkeypatch):
+    from moabb.datasets import PhysionetMI
+
+    data = tmp_path / "mne_data"
+    shutil.copytree(SHARED, data)
+    for name in ("MNE_DATA", "MNE_DATASETS_EEGBCI_PATH"):
+        monkeypatch.setenv(name, str(data))
+    monkeypatch.setenv("MOABB_DOWNLOAD_PROVIDER", "upstream")
+    dataset = PhysionetMI()
+    dataset.feet_runs = []
+    kwargs = dict(
+        paradigm="LeftRightImagery",
+        train_subjects=[1],
+        val_subjects=[],
+        test_subjects=[],
+        n_way=2,
+        k_shot=5,
+        query_size=5,
+        meta_batch_size=2,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    start = time.perf_counter()
+    dm = MOABBDataModule(dataset, **kwargs)
+    dm.prepare_data()
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    cached = MOABBDataModule(dataset, **kwargs)
+    cached.prepare_data()
+    cached.setup()
+    second = time.perf_counter() - start
+    batch = next(iter(cached.train_dataloader()))
+    assert batch.support_x.shape == (2, 10, 64, 481)
+    assert cached.data["train"][0].shape == (45, 64, 481)
+    assert second < first
+    print(
+        f"\nPhysionetMI subject 1: load {first:.1f} s, cached load {second:.2f} s, "
+        f"episode support {tuple(batch.support_x.shape)}, query {tuple(batch.query_x.shape)}"
+    )
