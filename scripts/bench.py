@@ -250,11 +250,20 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--iterations", type=int, default=20)
     parser.add_argument("--json", default="outputs/bench.json")
+    parser.add_argument("--workloads", default="all", choices=["all", "sinusoid", "eegnet"])
+    parser.add_argument(
+        "--memory-steps",
+        default="1,5,10,20",
+        help="EEGNet inner steps for the memory table ('' to skip)",
+    )
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
-    workloads = [sinusoid_workload(s, a) for s in (1, 5) for a in ("maml", "fomaml")]
-    workloads += [eegnet_workload(s) for s in (1, 5)]
+    workloads = []
+    if args.workloads in ("all", "sinusoid"):
+        workloads += [sinusoid_workload(s, a) for s in (1, 5) for a in ("maml", "fomaml")]
+    if args.workloads in ("all", "eegnet"):
+        workloads += [eegnet_workload(s) for s in (1, 5)]
     rows = []
     for w in workloads:
         rows += bench_workload(w, args.iterations, args.device)
