@@ -284,16 +284,11 @@ def main() -> None:
             ("note", "note", "s"),
         ],
     )
-    memory = memory_vs_steps(args.device, [1, 5, 10, 20])
-    print("\nEEGNet second-order MAML, peak memory of one meta-gradient vs inner steps\n")
-    print_table(
-        memory,
-        [
-            ("inner_steps", "inner steps", "d"),
-            ("checkpointing", "checkpointing", ""),
-            ("peak_mib", "peak MiB", ".1f"),
-        ],
-    )
+    steps = [int(s) for s in args.memory_steps.split(",") if s]
+    memory = memory_vs_steps(args.device, steps) if steps else []
+    if memory:
+        print("\nEEGNet second-order MAML, peak memory of one meta-gradient vs inner steps\n")
+        print_table(memory, [("inner_steps", "inner steps", "d"), ("peak_mib", "peak MiB", ".1f")])
     write_json(args.json, {"device": args.device, "rows": rows, "memory": memory})
 
 
