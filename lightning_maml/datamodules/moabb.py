@@ -72,7 +72,9 @@ class MOABBDataModule(pl.LightningDataModule):
 
     Example::
 
+        >>> import mne
         >>> from moabb.datasets.fake import FakeDataset
+        >>> mne.set_log_level("error")
         >>> dataset = FakeDataset(event_list=("left_hand", "right_hand"), n_subjects=4,
         ...                       n_sessions=1, n_runs=1, n_events=40, duration=100, seed=0)
         >>> dm = MOABBDataModule(dataset, "LeftRightImagery", {"resample": 64},
