@@ -234,17 +234,25 @@ def resolve_loss(loss: str | LossFn) -> LossFn:
     return loss
 
 
-def split_parameters(net: nn.Module) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """Split a network's state into ``(trainable, constants)``.
+def split_parameters(
+    net: nn.Module, params: Mapping[str, Tensor] | None = None
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Split a network's state into ``(params, constants)`` for :func:`functional_call`.
 
-    ``trainable`` holds the parameters that require grad (the ones the inner loop adapts);
-    ``constants`` holds frozen parameters and buffers, passed through unchanged.
+    By default ``params`` are the parameters that require grad (the ones the inner loop adapts)
+    and ``constants`` the frozen parameters and buffers, passed through unchanged. Given
+    ``params`` (tensors standing in for some of the network's parameters), ``constants`` holds
+    every other parameter and buffer.
     """
     trainable, constants = {}, {}
     for name, p in net.named_parameters():
         (trainable if p.requires_grad else constants)[name] = p
     constants.update(dict(net.named_buffers()))
-    return trainable, constants
+    if params is None:
+        return trainable, constants
+    params = dict(params)
+    constants = {k: v for k, v in {**trainable, **constants}.items() if k not in params}
+    return params, constants
 
 
 @contextmanager
@@ -348,8 +356,8 @@ def support_gradients(
         torch.Size([4, 1, 3])
     """
     loss_fn = resolve_loss(loss_fn)
-    trainable, constants = split_parameters(net)
-    params = {k: v.detach() for k, v in (trainable if params is None else params).items()}
+    params, constants = split_parameters(net, params)
+    params = {k: v.detach() for k, v in params.items()}
 
     def task(x: Tensor, y: Tensor) -> dict[str, Tensor]:
         def support_loss(p: dict[str, Tensor]) -> Tensor:
@@ -493,14 +501,7 @@ def meta_loss(
     if algorithm not in ALGORITHMS:
         raise ValueError(f"`algorithm` must be one of {ALGORITHMS}, got {algorithm!r}")
     check_episode(support_x, support_y, query_x, query_y)
-    trainable, constants = split_parameters(net)
-    if params is None:
-        params = trainable
-    else:
-        params = dict(params)
-        constants = {**{k: v for k, v in trainable.items() if k not in params}, **constants}
-        for name in params:
-            constants.pop(name, None)
+    params, constants = split_parameters(net, params)
     vectorized = uses_vmap(net, algorithm, vectorize)
 
     def task(*args: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
