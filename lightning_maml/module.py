@@ -20,6 +20,7 @@ from lightning_maml.functional import (
     check_inner_steps,
     meta_loss,
     resolve_loss,
+    split_parameters,
 )
 
 
@@ -175,6 +176,15 @@ class MAMLModule(pl.LightningModule):
             vectorize=self.vectorize,
             params=params,
         )
+
+    def meta_gradient(self) -> dict[str, Tensor]:
+        """The gradient held by ``net``'s trainable parameters (zeros where there is none): after
+        the backward of a training step, the meta-gradient the optimizer applies next (DDP-averaged,
+        before clipping). Read by the callbacks."""
+        return {
+            name: (p.grad if p.grad is not None else torch.zeros_like(p)).detach()
+            for name, p in split_parameters(self.net)[0].items()
+        }
 
     def meta_loss(self, batch: Any) -> Tensor:
         """The scalar whose ``backward()`` puts this module's meta-gradient on ``net``'s parameters

@@ -17,7 +17,12 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from lightning_maml.episode import Episode
-from lightning_maml.functional import LossFn, sgd_step, split_parameters, task_batch_norm
+from lightning_maml.functional import (
+    LossFn,
+    adapt_parameters,
+    split_parameters,
+    task_batch_norm,
+)
 from lightning_maml.module import MAMLModule, as_episode
 
 
@@ -25,24 +30,32 @@ class MetaGradientMismatch(AssertionError):
     """Raised by :class:`MetaGradientCheck` when the gradient disagrees with finite differences."""
 
 
-def _adapt(
+def adapt_tasks(
     net: nn.Module,
-    params: dict[str, Tensor],
-    constants: dict[str, Tensor],
+    params: Mapping[str, Tensor],
     loss_fn: LossFn,
-    x: Tensor,
-    y: Tensor,
-    lr: float,
-    steps: int,
-) -> dict[str, Tensor]:
-    # plain autograd inner loop, values only: the objective's definition, not the engine's code
-    fast = {k: v.detach() for k, v in params.items()}
-    for _ in range(steps):
-        fast = {k: v.requires_grad_() for k, v in fast.items()}
-        loss = loss_fn(functional_call(net, (fast, constants), (x,)), y)
-        grads = torch.autograd.grad(loss, list(fast.values()), allow_unused=True)
-        fast = {k: v.detach() for k, v in sgd_step(fast, dict(zip(fast, grads)), lr).items()}
-    return fast
+    batch: Episode,
+    inner_lr: float,
+    inner_steps: int,
+) -> list[dict[str, Tensor]]:
+    """The adapted parameters of each task of ``batch`` (values only, no graph), one by one."""
+    params, constants = split_parameters(net, params)
+    params = {k: v.detach() for k, v in params.items()}
+    with task_batch_norm(net), torch.enable_grad():
+        return [
+            adapt_parameters(
+                net,
+                params,
+                constants,
+                loss_fn,
+                batch.support_x[t],
+                batch.support_y[t],
+                inner_lr,
+                inner_steps,
+                first_order=True,
+            )
+            for t in range(batch.support_x.shape[0])
+        ]
 
 
 def reference_meta_objective(
@@ -55,32 +68,21 @@ def reference_meta_objective(
     displacements: list[dict[str, Tensor]] | None = None,
 ) -> Tensor:
     """The MAML meta-objective, mean over tasks of the query loss after ``inner_steps`` SGD steps,
-    evaluated task by task with plain autograd (values only).
+    evaluated task by task (values only).
 
     With ``displacements`` (one ``adapted - initial`` dict per task) the adaptation is replaced by
     that fixed displacement: the objective whose gradient is the first-order MAML meta-gradient.
     """
-    _, constants = split_parameters(net)
-    constants = {k: v for k, v in constants.items() if k not in params}
+    if displacements is None:
+        adapted = adapt_tasks(net, params, loss_fn, batch, inner_lr, inner_steps)
+    else:
+        adapted = [{k: v + d[k] for k, v in params.items()} for d in displacements]
+    _, constants = split_parameters(net, params)
     losses = []
-    with task_batch_norm(net), torch.enable_grad():
-        for t in range(batch.support_x.shape[0]):
-            if displacements is None:
-                adapted = _adapt(
-                    net,
-                    dict(params),
-                    constants,
-                    loss_fn,
-                    batch.support_x[t],
-                    batch.support_y[t],
-                    inner_lr,
-                    inner_steps,
-                )
-            else:
-                adapted = {k: v + displacements[t][k] for k, v in params.items()}
-            with torch.no_grad():
-                prediction = functional_call(net, (adapted, constants), (batch.query_x[t],))
-                losses.append(loss_fn(prediction, batch.query_y[t]))
+    with task_batch_norm(net), torch.no_grad():
+        for t, fast in enumerate(adapted):
+            prediction = functional_call(net, (fast, constants), (batch.query_x[t],))
+            losses.append(loss_fn(prediction, batch.query_y[t]))
     return torch.stack(losses).mean()
 
 
@@ -250,13 +252,9 @@ class MetaGradientCheck(Callback):
             warnings.warn(message, stacklevel=2)
 
     def _check(self, trainer: pl.Trainer, pl_module: MAMLModule, batch: Episode) -> dict[str, Any]:
-        named = [(n, p) for n, p in pl_module.net.named_parameters() if p.requires_grad]
-        grads = {
-            n: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().double()
-            for n, p in named
-        }
+        grads = {n: g.double() for n, g in pl_module.meta_gradient().items()}
         net = copy.deepcopy(pl_module.net).double()
-        params = {n: p.detach().double() for n, p in named}
+        params = {n: p.detach().double() for n, p in split_parameters(net)[0].items()}
         batch = Episode(*(t.double() if t.is_floating_point() else t for t in batch))
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + trainer.global_step)
         directions = []
@@ -270,22 +268,10 @@ class MetaGradientCheck(Callback):
 
         displacements = None
         if pl_module.algorithm == "fomaml":
-            _, constants = split_parameters(net)
-            constants = {k: v for k, v in constants.items() if k not in params}
-            with task_batch_norm(net), torch.enable_grad():
-                displacements = []
-                for t in range(batch.support_x.shape[0]):
-                    adapted = _adapt(
-                        net,
-                        params,
-                        constants,
-                        pl_module.loss_fn,
-                        batch.support_x[t],
-                        batch.support_y[t],
-                        pl_module.inner_lr,
-                        pl_module.inner_steps,
-                    )
-                    displacements.append({k: adapted[k] - params[k] for k in params})
+            adapted = adapt_tasks(
+                net, params, pl_module.loss_fn, batch, pl_module.inner_lr, pl_module.inner_steps
+            )
+            displacements = [{k: a[k] - params[k] for k in params} for a in adapted]
 
         def objective(shift: dict[str, Tensor], sign: float) -> Tensor:
             shifted = {n: p + sign * self.eps * shift[n] for n, p in params.items()}

@@ -11,7 +11,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
-from lightning_maml.functional import meta_loss, support_gradients
+from lightning_maml.functional import meta_loss, split_parameters, support_gradients
 from lightning_maml.module import MAMLModule, as_episode
 
 
@@ -100,10 +100,7 @@ class MetaGradientLogger(Callback):
         if self._batch is None:
             return
         batch, self._batch = as_episode(self._batch), None
-        named = [(n, p) for n, p in pl_module.net.named_parameters() if p.requires_grad]
-        grads = {
-            n: p.grad.detach() if p.grad is not None else torch.zeros_like(p) for n, p in named
-        }
+        grads = pl_module.meta_gradient()
         norms = {n: torch.linalg.vector_norm(g) for n, g in grads.items()}
         metrics: dict[str, Tensor] = {
             "meta_grad/norm": torch.linalg.vector_norm(torch.stack(list(norms.values())))
@@ -128,7 +125,7 @@ class MetaGradientLogger(Callback):
                 )
         if self.cosine_first_order:
             other = "fomaml" if pl_module.algorithm == "maml" else "maml"
-            params = [p for _, p in named]
+            params = list(split_parameters(pl_module.net)[0].values())
             with torch.enable_grad():
                 loss = meta_loss(
                     pl_module.net,
