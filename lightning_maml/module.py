@@ -154,27 +154,19 @@ class MAMLModule(pl.LightningModule):
         """
         episode = as_episode(batch)
         steps = self.inner_steps if inner_steps is None else inner_steps
-        if train:
-            return meta_loss(
-                self.net,
-                self.loss_fn,
-                *episode,
-                inner_lr=self.inner_lr,
-                inner_steps=steps,
-                algorithm=self.algorithm,
-                vectorize=self.vectorize,
-                track_initial_loss=self.track_initial_loss,
-            )
-        params = {name: p.detach() for name, p in self.net.named_parameters() if p.requires_grad}
+        params = None
+        if not train:  # plain adaptation from detached parameters
+            params = {name: p.detach() for name, p in split_parameters(self.net)[0].items()}
         return meta_loss(
             self.net,
             self.loss_fn,
             *episode,
             inner_lr=self.inner_lr,
             inner_steps=steps,
-            algorithm="fomaml",
+            algorithm=self.algorithm if train else "fomaml",
             vectorize=self.vectorize,
             params=params,
+            track_initial_loss=self.track_initial_loss or not train,
         )
 
     def meta_gradient(self) -> dict[str, Tensor]:
