@@ -41,6 +41,7 @@ __all__ = [
     "VECTORIZE_MODES",
     "MetaLossOutput",
     "adapt_parameters",
+    "check_count",
     "check_episode",
     "check_inner_lr",
     "check_inner_steps",
@@ -125,6 +126,21 @@ def check_inner_steps(value: object, name: str = "inner_steps") -> int:
         raise TypeError(f"`{name}` must be an integer >= 0, got {value!r}")
     if value < 0:
         raise ValueError(f"`{name}` must be an integer >= 0, got {value!r}")
+    return int(value)
+
+
+def check_count(value: object, name: str, minimum: int = 1) -> int:
+    """Return ``value`` if it is an int >= ``minimum``, else raise ``ValueError`` naming ``name``.
+
+    Example::
+
+        >>> check_count(0, "k_shot")
+        Traceback (most recent call last):
+        ...
+        ValueError: `k_shot` must be an integer >= 1, got 0
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}")
     return int(value)
 
 

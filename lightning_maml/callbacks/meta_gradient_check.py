@@ -20,6 +20,7 @@ from lightning_maml.episode import Episode
 from lightning_maml.functional import (
     LossFn,
     adapt_parameters,
+    check_count,
     split_parameters,
     task_batch_norm,
 )
@@ -156,12 +157,7 @@ class MetaGradientCheck(Callback):
             raise ValueError(
                 f"`every_n_steps` must be None or an integer >= 1, got {every_n_steps!r}"
             )
-        if (
-            isinstance(num_directions, bool)
-            or not isinstance(num_directions, int)
-            or num_directions < 1
-        ):
-            raise ValueError(f"`num_directions` must be an integer >= 1, got {num_directions!r}")
+        check_count(num_directions, "num_directions")
         for name, value in (("eps", eps), ("rtol", rtol), ("atol", atol)):
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}")

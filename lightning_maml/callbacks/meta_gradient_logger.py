@@ -11,7 +11,12 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
-from lightning_maml.functional import meta_loss, split_parameters, support_gradients
+from lightning_maml.functional import (
+    check_count,
+    meta_loss,
+    split_parameters,
+    support_gradients,
+)
 from lightning_maml.module import MAMLModule, as_episode
 
 
@@ -65,12 +70,7 @@ class MetaGradientLogger(Callback):
         cosine_first_order: bool = False,
         histograms: bool = False,
     ) -> None:
-        if (
-            isinstance(every_n_steps, bool)
-            or not isinstance(every_n_steps, int)
-            or every_n_steps < 1
-        ):
-            raise ValueError(f"`every_n_steps` must be an integer >= 1, got {every_n_steps!r}")
+        check_count(every_n_steps, "every_n_steps")
         self.every_n_steps = every_n_steps
         self.per_parameter = per_parameter
         self.cosine_first_order = cosine_first_order

@@ -10,6 +10,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from lightning_maml.episode import Episode
+from lightning_maml.functional import check_count
 
 
 class EpisodicDataset(Dataset):
@@ -67,8 +68,7 @@ class EpisodicDataset(Dataset):
             ("query_size", query_size),
             ("num_episodes", num_episodes),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}")
+            check_count(value, name)
         task_ids = np.asarray(task_ids)
         y = torch.as_tensor(y)
         if not (len(x) == len(y) == len(task_ids)):

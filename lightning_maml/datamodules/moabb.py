@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_maml.datamodules.episodic import EpisodicDataset
+from lightning_maml.functional import check_count
 
 
 def _resolve(value: Any, module_name: str, kwargs: dict | None, argument: str) -> Any:
@@ -116,8 +117,7 @@ class MOABBDataModule(pl.LightningDataModule):
             ("episodes_per_epoch", episodes_per_epoch),
             ("num_eval_episodes", num_eval_episodes),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}")
+            check_count(value, name)
         if standardize not in ("subject", "none"):
             raise ValueError(f"`standardize` must be 'subject' or 'none', got {standardize!r}")
         self.dataset = _resolve(dataset, "moabb.datasets", None, "dataset")

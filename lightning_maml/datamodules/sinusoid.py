@@ -13,6 +13,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from lightning_maml.episode import Episode
+from lightning_maml.functional import check_count
 
 _TRAIN, _VAL, _TEST = 0, 1, 2
 
@@ -182,8 +183,7 @@ class SinusoidDataModule(pl.LightningDataModule):
             ("num_val_tasks", num_val_tasks),
             ("num_test_tasks", num_test_tasks),
         ]:
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}")
+            check_count(value, name)
         for name, value in [
             ("amplitude_range", amplitude_range),
             ("phase_range", phase_range),
@@ -194,8 +194,7 @@ class SinusoidDataModule(pl.LightningDataModule):
                     f"`{name}` must be a pair (low, high) of finite numbers with low <= high, "
                     f"got {tuple(value)!r}"
                 )
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"`seed` must be an integer >= 0, got {seed!r}")
+        check_count(seed, "seed", minimum=0)
         if num_workers < 0:
             raise ValueError(f"`num_workers` must be >= 0, got {num_workers!r}")
         self.save_hyperparameters()
