@@ -196,9 +196,13 @@ class MOABBDataModule(pl.LightningDataModule):
         return x, y
 
     def prepare_data(self) -> None:
+        """Fill the cache (downloading through MOABB where needed); without a cache there is
+        nothing to prepare and ``setup`` loads the data."""
         for subjects in self.splits.values():
             for subject in subjects:
-                self.load_subject(subject)
+                path = self._cache_path(subject)
+                if path is not None and not path.exists():
+                    self.load_subject(subject)
 
     def setup(self, stage: str | None = None) -> None:
         if self.data:

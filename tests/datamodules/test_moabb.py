@@ -121,7 +121,7 @@ def test_missing_files_offline_name_dataset_and_data_folder(tmp_path, monkeypatc
         RuntimeError,
         match=r"could not load subject 2 of PhysionetMotorImagery.*MNE data folder .*empty",
     ):
-        dm.prepare_data()
+        dm.setup()
 
 
 @pytest.mark.skipif(not SHARED.exists(), reason=f"real PhysioNet files not found at {SHARED}")
