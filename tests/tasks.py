@@ -1,5 +1,6 @@
-"""Small networks and task batches shared by the tests."""
+"""Small networks, task batches and a quiet Trainer shared by the tests."""
 
+import lightning.pytorch as pl
 import torch
 from torch import nn
 
@@ -33,3 +34,16 @@ def image_tasks(n_tasks=3, k=4, q=5, classes=3, dtype=torch.float64):
     sy = torch.randint(0, classes, (n_tasks, k), generator=g)
     qy = torch.randint(0, classes, (n_tasks, q), generator=g)
     return sx, sy, qx, qy
+
+
+def quiet_trainer(**kwargs) -> pl.Trainer:
+    """A CPU Trainer without logger, checkpoints, progress bar or summary, unless overridden."""
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    return pl.Trainer(**{**defaults, **kwargs})

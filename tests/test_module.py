@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from reference import unrolled_meta_loss
-from tasks import regression_tasks, tanh_mlp
+from tasks import quiet_trainer, regression_tasks, tanh_mlp
 from torch import nn
 
 from lightning_maml import Episode, MAMLModule
@@ -19,23 +19,11 @@ from lightning_maml.functional import mse_loss
 from lightning_maml.models import MLP
 
 
-def _trainer(**kwargs):
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    return pl.Trainer(**{**defaults, **kwargs})
-
-
 def test_short_training_makes_adaptation_reduce_held_out_mse():
     pl.seed_everything(0)
     module = MAMLModule(MLP(), inner_lr=0.01, inner_steps=1, eval_inner_steps=5)
     data = SinusoidDataModule(meta_batch_size=25, batches_per_epoch=200, num_test_tasks=200)
-    _trainer(max_epochs=2, limit_val_batches=0).fit(module, data)
+    quiet_trainer(max_epochs=2, limit_val_batches=0).fit(module, data)
     # a plain Trainer evaluates under inference mode; the module adapts all the same
     (result,) = pl.Trainer(logger=False, enable_progress_bar=False).test(module, data)
     assert result["test/query_loss_after"] < 0.8 * result["test/query_loss_before"]
@@ -72,7 +60,7 @@ def test_batches_as_tuples_and_mappings_are_accepted():
 def test_double_precision_gradient_clipping_and_csv_logger(tmp_path):
     module = MAMLModule(MLP(), inner_lr=0.01, optimizer=functools.partial(torch.optim.SGD, lr=1.0))
     start = [p.detach().clone() for p in module.net.parameters()]
-    trainer = _trainer(
+    trainer = quiet_trainer(
         max_steps=1,
         precision="64-true",
         gradient_clip_val=1e-3,
@@ -103,7 +91,7 @@ def test_checkpoint_resume_continues_the_same_trajectory(tmp_path):
         pl.seed_everything(0)
         module = MAMLModule(MLP(), inner_lr=0.01)
         data = SinusoidDataModule(meta_batch_size=4, batches_per_epoch=3)
-        trainer = _trainer(
+        trainer = quiet_trainer(
             max_epochs=max_epochs,
             limit_val_batches=0,
             enable_checkpointing=True,
@@ -131,7 +119,7 @@ def test_classification_accuracy_is_logged_and_correct():
     y = ((x * direction).sum(-1) > 0).long()
     episode = Episode(x[:, :k], y[:, :k], x[:, k:], y[:, k:])
     module = MAMLModule(nn.Linear(2, 2), loss="cross_entropy", inner_lr=0.5, inner_steps=3)
-    (result,) = _trainer().validate(
+    (result,) = quiet_trainer().validate(
         module, torch.utils.data.DataLoader(TaskSet(episode), batch_size=3)
     )
     out = module.meta_forward(episode, inner_steps=3, train=False)
@@ -156,7 +144,7 @@ def test_invalid_module_arguments_are_refused_at_construction():
 
 def test_network_output_not_matching_targets_fails_before_training():
     module = MAMLModule(MLP(out_features=2))
-    trainer = _trainer(max_steps=100)
+    trainer = quiet_trainer(max_steps=100)
     with pytest.raises(ValueError, match=r"output shape \(10, 2\) for target shape \(10, 1\)"):
         trainer.fit(module, SinusoidDataModule(meta_batch_size=2, num_val_tasks=2))
     assert trainer.global_step == 0
@@ -177,7 +165,7 @@ def _one_step(tmp_path, devices, meta_batch_size):
         MLP(hidden=(8,)), inner_lr=0.1, optimizer=functools.partial(torch.optim.SGD, lr=0.5)
     )
     data = SinusoidDataModule(meta_batch_size=meta_batch_size, batches_per_epoch=1)
-    trainer = _trainer(
+    trainer = quiet_trainer(
         max_steps=1,
         devices=devices,
         strategy="ddp_spawn" if devices > 1 else "auto",

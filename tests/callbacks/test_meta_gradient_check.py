@@ -7,7 +7,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from tasks import image_tasks, small_conv_net, tanh_mlp
+from tasks import image_tasks, quiet_trainer, small_conv_net, tanh_mlp
 from torch import nn
 
 import lightning_maml.functional as functional
@@ -19,18 +19,7 @@ from lightning_maml.models import MLP
 
 
 def _fit(module, data, callbacks, max_steps=2, **kwargs):
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=kwargs.pop("devices", 1),
-        max_steps=max_steps,
-        limit_val_batches=0,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        callbacks=callbacks,
-        **kwargs,
-    )
+    trainer = quiet_trainer(max_steps=max_steps, limit_val_batches=0, callbacks=callbacks, **kwargs)
     trainer.fit(module, data)
     return trainer
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from reference import unrolled_meta_loss
-from tasks import tanh_mlp
+from tasks import quiet_trainer, tanh_mlp
 
 import lightning_maml.callbacks.meta_gradient_logger as logger_module
 from lightning_maml import MAMLModule
@@ -32,14 +32,8 @@ def _fit(callbacks, logger=False, max_steps=4, module=None):
     pl.seed_everything(0)
     module = module or MAMLModule(tanh_mlp(), inner_lr=0.3, inner_steps=2)
     data = SinusoidDataModule(k_shot=5, query_size=5, meta_batch_size=4, batches_per_epoch=4)
-    trainer = pl.Trainer(
-        max_steps=max_steps,
-        limit_val_batches=0,
-        logger=logger,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        callbacks=callbacks,
+    trainer = quiet_trainer(
+        max_steps=max_steps, limit_val_batches=0, logger=logger, callbacks=callbacks
     )
     trainer.fit(module, data)
     return module
