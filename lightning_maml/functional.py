@@ -439,6 +439,89 @@ def _task_meta_loss(
     return query_loss, query_loss.detach(), prediction.detach(), initial
 
 
+TaskFn = Callable[..., tuple[Tensor, Tensor, Tensor, Tensor]]
+
+
+def _run_tasks(
+    task: TaskFn,
+    vectorized: bool,
+    params: Mapping[str, Tensor],
+    constants: Mapping[str, Tensor],
+    batch: tuple[Tensor, ...],
+) -> tuple[Tensor, ...]:
+    # (losses, query_losses, predictions, initial), each with a leading task dimension
+    if vectorized:
+        batched = vmap(task, in_dims=(None, None, 0, 0, 0, 0), randomness="different")
+        return batched(params, constants, *batch)
+    per_task = [task(params, constants, *(t[i] for t in batch)) for i in range(len(batch[0]))]
+    return tuple(torch.stack(parts) for parts in zip(*per_task))
+
+
+class _PrecomputedGradient(torch.autograd.Function):
+    """Returns ``value``; its backward hands each of ``params`` the matching tensor of ``grads``
+    (times the incoming gradient), so a meta-gradient computed ahead (by a compiled
+    ``grad_and_value``) reaches ``.grad`` through ordinary autograd, hooks and DDP included."""
+
+    @staticmethod
+    def forward(ctx, value: Tensor, grads: tuple[Tensor, ...], *params: Tensor) -> Tensor:
+        ctx.grads = grads
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        return (None, None, *(grad_output * g for g in ctx.grads))
+
+
+# compiled meta-gradient functions, per network and per setting that shapes the graph
+_COMPILED: weakref.WeakKeyDictionary[nn.Module, dict[tuple, Callable]] = weakref.WeakKeyDictionary()
+
+
+def _compiled_meta_loss(
+    net: nn.Module,
+    loss_fn: LossFn,
+    inner_lr: float,
+    inner_steps: int,
+    algorithm: str,
+    vectorized: bool,
+    track_initial_loss: bool,
+    params: dict[str, Tensor],
+    constants: dict[str, Tensor],
+    batch: tuple[Tensor, ...],
+) -> MetaLossOutput:
+    key = (loss_fn, inner_lr, inner_steps, algorithm, vectorized, track_initial_loss, net.training)
+    compiled = _COMPILED.setdefault(net, {}).get(key)
+    if compiled is None:
+
+        def task(*args: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+            return _task_meta_loss(
+                net, loss_fn, inner_lr, inner_steps, algorithm, track_initial_loss, *args
+            )
+
+        def objective(
+            p: dict[str, Tensor], c: dict[str, Tensor], *episode: Tensor
+        ) -> tuple[Tensor, tuple[Tensor, ...]]:
+            losses, *rest = _run_tasks(task, vectorized, p, c, episode)
+            return losses.mean(), tuple(rest)
+
+        # the whole meta-gradient (inner grads, adaptation, outer grad) is one forward graph for
+        # the compiler; no backward runs through compiled code
+        compiled = torch.compile(torch.func.grad_and_value(objective, has_aux=True), dynamic=False)
+        _COMPILED[net][key] = compiled
+    names = list(params)
+    detached = {name: params[name].detach() for name in names}
+    grads, (loss, (query_losses, predictions, initial)) = compiled(detached, constants, *batch)
+    loss = _PrecomputedGradient.apply(
+        loss, tuple(grads[name] for name in names), *(params[name] for name in names)
+    )
+    return MetaLossOutput(
+        loss=loss,
+        query_losses=query_losses,
+        query_predictions=predictions,
+        initial_query_losses=initial if track_initial_loss else None,
+        vectorized=vectorized,
+    )
+
+
 def uses_vmap(net: nn.Module, algorithm: str, vectorize: str) -> bool:
     """Whether :func:`meta_loss` runs the tasks of ``net`` under vmap for this algorithm and mode.
 
@@ -476,6 +559,7 @@ def meta_loss(
     vectorize: Vectorize = "auto",
     params: Mapping[str, Tensor] | None = None,
     track_initial_loss: bool = True,
+    compile: bool = False,
 ) -> MetaLossOutput:
     """Meta-loss of a batch of tasks: adapt on each task's support set, evaluate its query set.
 
@@ -495,6 +579,11 @@ def meta_loss(
         params: the initial parameters to adapt (defaults to the network's trainable parameters).
             Frozen parameters and buffers are passed through unchanged.
         track_initial_loss: also compute the query loss before adaptation (a forward pass).
+        compile: compute the meta-gradient with :func:`torch.compile` of
+            :func:`torch.func.grad_and_value` over the whole batch (inner loop included) and hand
+            it to ``.loss``'s backward. The first call for a network and set of shapes compiles
+            (seconds to a minute); later calls are several times faster on small networks. The
+            returned ``loss`` supports one backward (no higher-order gradients through it).
 
     BatchNorm layers use per-task batch statistics, see :func:`task_batch_norm`.
 
@@ -527,11 +616,23 @@ def meta_loss(
 
     batch = (support_x, support_y, query_x, query_y)
     with task_batch_norm(net):
+        if compile:
+            return _compiled_meta_loss(
+                net,
+                loss_fn,
+                inner_lr,
+                inner_steps,
+                algorithm,
+                vectorized,
+                track_initial_loss,
+                params,
+                constants,
+                batch,
+            )
         outputs = None
         if vectorized:
-            batched = vmap(task, in_dims=(None, None, 0, 0, 0, 0), randomness="different")
             try:
-                outputs = batched(params, constants, *batch)
+                outputs = _run_tasks(task, True, params, constants, batch)
             except RuntimeError as error:
                 if vectorize != "auto":
                     raise
@@ -543,10 +644,7 @@ def meta_loss(
                 )
                 vectorized = False
         if outputs is None:
-            per_task = [
-                task(params, constants, *(t[i] for t in batch)) for i in range(len(support_x))
-            ]
-            outputs = tuple(torch.stack(parts) for parts in zip(*per_task))
+            outputs = _run_tasks(task, False, params, constants, batch)
     losses, query_losses, predictions, initial = outputs
     return MetaLossOutput(
         loss=losses.mean(),

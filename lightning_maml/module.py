@@ -72,6 +72,10 @@ class MAMLModule(pl.LightningModule):
         classification: log query accuracy; default: ``loss == "cross_entropy"``.
         track_initial_loss: compute the query loss before adaptation in training (one forward pass
             per task); validation and test always do.
+        compile: compute the training meta-gradient with ``torch.compile`` (see
+            :func:`lightning_maml.functional.meta_loss`): the first steps compile (seconds to a
+            minute, again for each new batch shape), later steps run several times faster on small
+            networks. Validation and test stay eager.
 
     Raises:
         TypeError, ValueError: on an argument outside the allowed values, at construction.
@@ -101,6 +105,7 @@ class MAMLModule(pl.LightningModule):
         vectorize: str = "auto",
         classification: bool | None = None,
         track_initial_loss: bool = True,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(net, nn.Module):
@@ -128,6 +133,9 @@ class MAMLModule(pl.LightningModule):
         self.meta_lr = meta_lr
         self.optimizer = optimizer
         self.track_initial_loss = track_initial_loss
+        if not isinstance(compile, bool):
+            raise TypeError(f"`compile` must be True or False, got {compile!r}")
+        self.compile_meta_gradient = compile
         self.classification = loss == "cross_entropy" if classification is None else classification
         ignore = ["net", "optimizer"] + ([] if isinstance(loss, str) else ["loss"])
         self.save_hyperparameters(ignore=ignore)
@@ -167,6 +175,7 @@ class MAMLModule(pl.LightningModule):
             vectorize=self.vectorize,
             params=params,
             track_initial_loss=self.track_initial_loss or not train,
+            compile=self.compile_meta_gradient and train,
         )
 
     def meta_gradient(self) -> dict[str, Tensor]:

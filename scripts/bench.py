@@ -7,13 +7,21 @@ Variants, all on the same batch and checked to give the same gradient (to 1e-5) 
   query loss, backward, one task after another) -- the baseline of the ratio column;
 - ``engine loop`` / ``engine vmap``: ``lightning_maml.functional.meta_loss`` with the tasks in a
   Python loop / under ``torch.func.vmap``;
-- ``Trainer.fit``: ``MAMLModule`` meta-trained by Lightning (progress bar, logger and checkpoints
-  off) for the timed number of steps, data from the DataModule included.
+- ``engine compiled``: the same with ``compile=True`` (``torch.compile`` of the whole
+  meta-gradient; compile time is spent in the untimed first call);
+- ``Trainer.fit`` / ``Trainer.fit compiled``: ``MAMLModule`` (``compile=False`` / ``True``)
+  meta-trained by Lightning (progress bar, logger and checkpoints off) for the timed number of
+  steps, data from the DataModule included; warm-up steps (compilation included) are not timed.
+
+Compiled variants run on the workloads named by ``--compile`` (default: the sinusoid ones; EEGNet
+compiles take minutes on a CPU).
 
 Reported: median seconds per meta-iteration (after warm-up), iterations per second, peak memory of
-one iteration (torch allocations, from the profiler on CPU; ``max_memory_allocated`` on CUDA) and
-the speed ratio to the wrapper loop measured in the same run. A second table gives EEGNet's peak
-memory against the number of inner steps.
+one iteration and the speed ratio to the wrapper loop measured in the same run. Peak memory is
+``max_memory_allocated`` on CUDA; on the CPU it is the rise of the process's resident-memory high
+water mark (``VmHWM``, reset through ``/proc/self/clear_refs``) over one iteration, so it includes
+the allocator's behaviour and reads near 0 when an iteration's tensors fit in memory the process
+already holds. A second table gives EEGNet's peak memory against the number of inner steps.
 
     python scripts/bench.py [--device cuda] [--iterations 20] [--json outputs/bench.json]
 """
@@ -29,7 +37,7 @@ from functools import partial
 
 import lightning.pytorch as pl
 import torch
-from benchtools import median, print_table, time_call, write_json
+from benchtools import median, print_table, rss_peak_rise_mib, time_call, write_json
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
@@ -50,6 +58,7 @@ class Workload:
     inner_steps: int
     algorithm: str
     datamodule: Callable[[], pl.LightningDataModule | DataLoader]
+    warmup: int = 3
 
 
 def sinusoid_workload(steps: int, algorithm: str) -> Workload:
@@ -84,6 +93,7 @@ def eegnet_workload(steps: int) -> Workload:
         steps,
         "maml",
         lambda: DataLoader(TaskSet(batch), batch_size=4),
+        warmup=1,
     )
 
 
@@ -98,7 +108,9 @@ def wrapper_meta_gradient(net: nn.Module, w: Workload, batch: Episode) -> None:
         (loss_fn(learner(batch.query_x[t]), batch.query_y[t]) / n_tasks).backward()
 
 
-def engine_meta_gradient(net: nn.Module, w: Workload, batch: Episode, mode: str) -> None:
+def engine_meta_gradient(
+    net: nn.Module, w: Workload, batch: Episode, mode: str, compile: bool = False
+) -> None:
     meta_loss(
         net,
         w.loss,
@@ -108,6 +120,7 @@ def engine_meta_gradient(net: nn.Module, w: Workload, batch: Episode, mode: str)
         algorithm=w.algorithm,
         vectorize=mode,
         track_initial_loss=False,
+        compile=compile,
     ).loss.backward()
 
 
@@ -125,27 +138,18 @@ def peak_memory_mib(fn: Callable[[], None], device: str) -> float:
         fn()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    with torch.profiler.profile(
-        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
-    ) as prof:
-        fn()
-    # each op's own allocations minus frees, in time order: the running total's maximum
-    events = sorted(
-        (e.time_range.start, e.self_cpu_memory_usage)
-        for e in prof.events()
-        if e.self_cpu_memory_usage
-    )
-    level = peak = 0
-    for _, delta in events:
-        level += delta
-        peak = max(peak, level)
-    return peak / 2**20
+    return rss_peak_rise_mib(fn)
 
 
-def time_trainer_fit(w: Workload, iterations: int, device: str) -> float:
+def time_trainer_fit(w: Workload, iterations: int, device: str, compile: bool = False) -> float:
     pl.seed_everything(0, verbose=False)
     module = MAMLModule(
-        w.make_net(), loss=w.loss, inner_lr=0.01, inner_steps=w.inner_steps, algorithm=w.algorithm
+        w.make_net(),
+        loss=w.loss,
+        inner_lr=0.01,
+        inner_steps=w.inner_steps,
+        algorithm=w.algorithm,
+        compile=compile,
     )
     data = w.datamodule()
     kwargs = dict(
@@ -157,7 +161,7 @@ def time_trainer_fit(w: Workload, iterations: int, device: str) -> float:
         enable_checkpointing=False,
         limit_val_batches=0,
     )
-    warm = 5
+    warm = w.warmup + 2
     total = warm + iterations
 
     class Timer(pl.Callback):
@@ -179,7 +183,7 @@ def time_trainer_fit(w: Workload, iterations: int, device: str) -> float:
     return (time.perf_counter() - Timer.start) / iterations
 
 
-def bench_workload(w: Workload, iterations: int, device: str) -> list[dict]:
+def bench_workload(w: Workload, iterations: int, device: str, compile: bool) -> list[dict]:
     torch.manual_seed(0)
     net = w.make_net().to(device)
     batch = Episode(*(t.to(device) for t in w.batch))
@@ -193,6 +197,8 @@ def bench_workload(w: Workload, iterations: int, device: str) -> list[dict]:
         variants["engine vmap"] = lambda: engine_meta_gradient(net, w, batch, "vmap")
     else:
         vmap_note = "vmap refused (BatchNorm, second order): auto runs the loop"
+    if compile:
+        variants["engine compiled"] = lambda: engine_meta_gradient(net, w, batch, "auto", True)
     reference = gradients(net, variants["wrapper loop"])
     for name, step in variants.items():
         for a, b in zip(reference, gradients(net, step)):
@@ -208,7 +214,7 @@ def bench_workload(w: Workload, iterations: int, device: str) -> list[dict]:
             if device == "cuda":
                 torch.cuda.synchronize()
 
-        seconds = median(time_call(iteration, warmup=3, iterations=iterations))
+        seconds = median(time_call(iteration, warmup=w.warmup, iterations=iterations))
         rows.append(
             {
                 "workload": w.name,
@@ -217,14 +223,15 @@ def bench_workload(w: Workload, iterations: int, device: str) -> list[dict]:
                 "peak_mib": peak_memory_mib(iteration, device),
             }
         )
-    rows.append(
-        {
-            "workload": w.name,
-            "variant": "Trainer.fit",
-            "s_per_it": time_trainer_fit(w, iterations, device),
-            "peak_mib": math.nan,
-        }
-    )
+    for compiled in (False, True) if compile else (False,):
+        rows.append(
+            {
+                "workload": w.name,
+                "variant": "Trainer.fit compiled" if compiled else "Trainer.fit",
+                "s_per_it": time_trainer_fit(w, iterations, device, compiled),
+                "peak_mib": math.nan,
+            }
+        )
     base = rows[0]["s_per_it"]
     for row in rows:
         row["it_per_s"] = 1 / row["s_per_it"]
@@ -252,6 +259,12 @@ def main() -> None:
     parser.add_argument("--json", default="outputs/bench.json")
     parser.add_argument("--workloads", default="all", choices=["all", "sinusoid", "eegnet"])
     parser.add_argument(
+        "--compile",
+        default="sinusoid",
+        choices=["all", "sinusoid", "none"],
+        help="workloads that also run the compiled variants",
+    )
+    parser.add_argument(
         "--memory-steps",
         default="1,5,10,20",
         help="EEGNet inner steps for the memory table ('' to skip)",
@@ -261,12 +274,16 @@ def main() -> None:
         parser.error("--device cuda: no CUDA device is available")
     workloads = []
     if args.workloads in ("all", "sinusoid"):
-        workloads += [sinusoid_workload(s, a) for s in (1, 5) for a in ("maml", "fomaml")]
+        workloads += [
+            ("sinusoid", sinusoid_workload(s, a)) for s in (1, 5) for a in ("maml", "fomaml")
+        ]
     if args.workloads in ("all", "eegnet"):
-        workloads += [eegnet_workload(s) for s in (1, 5)]
+        workloads += [("eegnet", eegnet_workload(s)) for s in (1, 5)]
     rows = []
-    for w in workloads:
-        rows += bench_workload(w, args.iterations, args.device)
+    start = time.perf_counter()
+    for kind, w in workloads:
+        compile = args.compile in ("all", kind)
+        rows += bench_workload(w, args.iterations, args.device, compile)
         print(f"done: {w.name}", flush=True)
     print(
         f"\nmeta-iteration (grads + Adam step), device {args.device}, "
@@ -289,6 +306,7 @@ def main() -> None:
     if memory:
         print("\nEEGNet second-order MAML, peak memory of one meta-gradient vs inner steps\n")
         print_table(memory, [("inner_steps", "inner steps", "d"), ("peak_mib", "peak MiB", ".1f")])
+    print(f"\nbench wall time {time.perf_counter() - start:.0f} s")
     write_json(args.json, {"device": args.device, "rows": rows, "memory": memory})
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import resource
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -28,9 +28,23 @@ def median(times: list[float]) -> float:
     return statistics.median(times)
 
 
-def peak_rss_mib() -> float:
-    """Peak resident memory of this process so far, MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def rss_peak_rise_mib(fn: Callable[[], object]) -> float:
+    """Rise of this process's resident-memory high water mark over one call of ``fn``, MiB (Linux;
+    NaN where ``/proc/self/clear_refs`` cannot reset the mark)."""
+    try:  # writing 5 resets VmHWM to the current VmRSS
+        Path("/proc/self/clear_refs").write_text("5")
+        base = _status_kib("VmRSS")
+    except (OSError, KeyError):
+        return math.nan
+    fn()
+    return (_status_kib("VmHWM") - base) / 1024
 
 
 def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
