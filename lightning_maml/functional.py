@@ -314,6 +314,7 @@ def adapt_parameters(
     inner_lr: float,
     inner_steps: int,
     first_order: bool = False,
+    checkpoint: bool = False,
 ) -> dict[str, Tensor]:
     """Run ``inner_steps`` of :func:`sgd_step` on one task's support set and return the adapted
     parameters.
@@ -321,6 +322,13 @@ def adapt_parameters(
     With ``first_order=False`` the result stays differentiable through every inner step (second
     order). With ``first_order=True`` the inner gradients are treated as constants, so the adapted
     parameters depend on ``params`` through the identity only.
+
+    With ``checkpoint=True`` (second order only) each inner step runs under
+    :func:`torch.utils.checkpoint.checkpoint` (the reentrant variant, the one that composes with
+    :func:`torch.func.grad`): only the parameters between steps are kept, and each step's graph is
+    rebuilt during the backward pass. Memory no longer grows with the activations of every step;
+    the forward work of the inner loop is done twice; gradients are the same up to float rounding.
+    The result then supports ``.backward()`` only, not :func:`torch.autograd.grad`.
 
     Example::
 
@@ -346,6 +354,19 @@ def adapt_parameters(
             adapted = sgd_step(adapted, torch.func.grad(support_loss)(adapted), inner_lr)
         # d adapted / d params is the identity: params plus a constant displacement
         return {name: p + (adapted[name] - start[name]) for name, p in params.items()}
+    if checkpoint:
+        names = list(params)
+
+        def step(*flat: Tensor) -> tuple[Tensor, ...]:
+            # BatchNorm mode is set inside, so the recomputation in backward sees the same one
+            with task_batch_norm(net):
+                p = dict(zip(names, flat))
+                return tuple(sgd_step(p, torch.func.grad(support_loss)(p), inner_lr).values())
+
+        flat = tuple(params.values())
+        for _ in range(inner_steps):
+            flat = torch.utils.checkpoint.checkpoint(step, *flat, use_reentrant=True)
+        return dict(zip(names, flat))
     adapted = dict(params)
     for _ in range(inner_steps):
         adapted = sgd_step(adapted, torch.func.grad(support_loss)(adapted), inner_lr)
@@ -398,6 +419,7 @@ def _task_meta_loss(
     inner_steps: int,
     algorithm: str,
     track_initial_loss: bool,
+    checkpoint: bool,
     params: dict[str, Tensor],
     constants: dict[str, Tensor],
     support_x: Tensor,
@@ -433,6 +455,7 @@ def _task_meta_loss(
         inner_lr,
         inner_steps,
         first_order=algorithm == "fomaml",
+        checkpoint=checkpoint,
     )
     prediction = forward(adapted, query_x)
     query_loss = _scalar_loss(loss_fn, prediction, query_y)
@@ -494,7 +517,7 @@ def _compiled_meta_loss(
 
         def task(*args: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
             return _task_meta_loss(
-                net, loss_fn, inner_lr, inner_steps, algorithm, track_initial_loss, *args
+                net, loss_fn, inner_lr, inner_steps, algorithm, track_initial_loss, False, *args
             )
 
         def objective(
@@ -560,6 +583,7 @@ def meta_loss(
     params: Mapping[str, Tensor] | None = None,
     track_initial_loss: bool = True,
     compile: bool = False,
+    checkpoint_inner_steps: bool = False,
 ) -> MetaLossOutput:
     """Meta-loss of a batch of tasks: adapt on each task's support set, evaluate its query set.
 
@@ -584,6 +608,12 @@ def meta_loss(
             it to ``.loss``'s backward. The first call for a network and set of shapes compiles
             (seconds to a minute); later calls are several times faster on small networks. The
             returned ``loss`` supports one backward (no higher-order gradients through it).
+        checkpoint_inner_steps: for second-order ``"maml"``, trade compute for memory on long
+            inner loops: each inner step is checkpointed (see :func:`adapt_parameters`), so peak
+            memory stays near that of one step whatever ``inner_steps`` is. Tasks then run in the
+            loop (checkpointing does not compose with vmap or ``compile``), and ``.loss`` supports
+            ``.backward()`` only. Ignored by ``"fomaml"`` and ``"reptile"``, which keep no graph
+            through the inner loop.
 
     BatchNorm layers use per-task batch statistics, see :func:`task_batch_norm`.
 
@@ -607,11 +637,25 @@ def meta_loss(
         raise ValueError(f"`algorithm` must be one of {ALGORITHMS}, got {algorithm!r}")
     check_episode(support_x, support_y, query_x, query_y)
     params, constants = split_parameters(net, params)
-    vectorized = uses_vmap(net, algorithm, vectorize)
+    if checkpoint_inner_steps and (vectorize == "vmap" or compile):
+        setting = "vectorize='vmap'" if vectorize == "vmap" else "compile=True"
+        raise ValueError(
+            f"`checkpoint_inner_steps=True` cannot be combined with {setting}: checkpointed "
+            "tasks run one by one and uncompiled"
+        )
+    # only where a graph through the inner loop would be kept
+    checkpoint = (
+        checkpoint_inner_steps
+        and algorithm == "maml"
+        and inner_steps > 0
+        and torch.is_grad_enabled()
+        and any(p.requires_grad for p in params.values())
+    )
+    vectorized = not checkpoint and uses_vmap(net, algorithm, vectorize)
 
     def task(*args: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         return _task_meta_loss(
-            net, loss_fn, inner_lr, inner_steps, algorithm, track_initial_loss, *args
+            net, loss_fn, inner_lr, inner_steps, algorithm, track_initial_loss, checkpoint, *args
         )
 
     batch = (support_x, support_y, query_x, query_y)

@@ -76,6 +76,10 @@ class MAMLModule(pl.LightningModule):
             :func:`lightning_maml.functional.meta_loss`): the first steps compile (seconds to a
             minute, again for each new batch shape), later steps run several times faster on small
             networks. Validation and test stay eager.
+        checkpoint_inner_steps: checkpoint each inner step of second-order training (see
+            :func:`lightning_maml.functional.meta_loss`): peak memory stays near one step's
+            whatever ``inner_steps`` is, for about the cost of a second forward pass of the inner
+            loop; tasks then run one by one. Not with ``compile`` or ``vectorize="vmap"``.
 
     Raises:
         TypeError, ValueError: on an argument outside the allowed values, at construction.
@@ -106,6 +110,7 @@ class MAMLModule(pl.LightningModule):
         classification: bool | None = None,
         track_initial_loss: bool = True,
         compile: bool = False,
+        checkpoint_inner_steps: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(net, nn.Module):
@@ -136,6 +141,16 @@ class MAMLModule(pl.LightningModule):
         if not isinstance(compile, bool):
             raise TypeError(f"`compile` must be True or False, got {compile!r}")
         self.compile_meta_gradient = compile
+        if not isinstance(checkpoint_inner_steps, bool):
+            raise TypeError(
+                f"`checkpoint_inner_steps` must be True or False, got {checkpoint_inner_steps!r}"
+            )
+        if checkpoint_inner_steps and (compile or vectorize == "vmap"):
+            raise ValueError(
+                "`checkpoint_inner_steps=True` cannot be combined with compile=True or "
+                f"vectorize='vmap' (got compile={compile!r}, vectorize={vectorize!r})"
+            )
+        self.checkpoint_inner_steps = checkpoint_inner_steps
         self.classification = loss == "cross_entropy" if classification is None else classification
         ignore = ["net", "optimizer"] + ([] if isinstance(loss, str) else ["loss"])
         self.save_hyperparameters(ignore=ignore)
@@ -176,6 +191,7 @@ class MAMLModule(pl.LightningModule):
             params=params,
             track_initial_loss=self.track_initial_loss or not train,
             compile=self.compile_meta_gradient and train,
+            checkpoint_inner_steps=self.checkpoint_inner_steps and train,
         )
 
     def meta_gradient(self) -> dict[str, Tensor]:

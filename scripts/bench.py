@@ -21,7 +21,10 @@ one iteration and the speed ratio to the wrapper loop measured in the same run. 
 ``max_memory_allocated`` on CUDA; on the CPU it is the rise of the process's resident-memory high
 water mark (``VmHWM``, reset through ``/proc/self/clear_refs``) over one iteration, so it includes
 the allocator's behaviour and reads near 0 when an iteration's tensors fit in memory the process
-already holds. A second table gives EEGNet's peak memory against the number of inner steps.
+already holds; the script re-runs itself with glibc's ``MALLOC_MMAP_THRESHOLD_`` fixed so that
+large tensors are returned to the system when freed. A second table gives EEGNet's peak memory and
+time of one meta-gradient against the number of inner steps, without and with
+``checkpoint_inner_steps``.
 
     python scripts/bench.py [--device cuda] [--iterations 20] [--json outputs/bench.json]
 """
@@ -30,6 +33,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -109,7 +114,12 @@ def wrapper_meta_gradient(net: nn.Module, w: Workload, batch: Episode) -> None:
 
 
 def engine_meta_gradient(
-    net: nn.Module, w: Workload, batch: Episode, mode: str, compile: bool = False
+    net: nn.Module,
+    w: Workload,
+    batch: Episode,
+    mode: str,
+    compile: bool = False,
+    checkpoint: bool = False,
 ) -> None:
     meta_loss(
         net,
@@ -121,6 +131,7 @@ def engine_meta_gradient(
         vectorize=mode,
         track_initial_loss=False,
         compile=compile,
+        checkpoint_inner_steps=checkpoint,
     ).loss.backward()
 
 
@@ -241,14 +252,31 @@ def bench_workload(w: Workload, iterations: int, device: str, compile: bool) -> 
 
 
 def memory_vs_steps(device: str, steps_list: list[int]) -> list[dict]:
+    """EEGNet second-order meta-gradient: peak memory and seconds of one call, without and with
+    ``checkpoint_inner_steps``, against the number of inner steps."""
     rows = []
     batch = Episode(*(t.to(device) for t in eegnet_batch()))
     for steps in steps_list:
-        torch.manual_seed(0)
-        net = EEGNet(22, 500, 4, sampling_rate=250, dropout=0.0).to(device)
-        w = Workload("", lambda net=net: net, "cross_entropy", batch, steps, "maml", lambda: None)
-        peak = peak_memory_mib(partial(engine_meta_gradient, net, w, batch, "auto"), device)
-        rows.append({"inner_steps": steps, "peak_mib": peak})
+        row: dict = {"inner_steps": steps}
+        grads = {}
+        for checkpoint in (False, True):
+            torch.manual_seed(0)
+            net = EEGNet(22, 500, 4, sampling_rate=250, dropout=0.0).to(device)
+            w = Workload("", lambda net=net: net, "cross_entropy", batch, steps, "maml", list)
+            call = partial(engine_meta_gradient, net, w, batch, "auto", False, checkpoint)
+            start = time.perf_counter()
+            suffix = "_checkpoint" if checkpoint else ""
+            row["peak_mib" + suffix] = peak_memory_mib(call, device)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            row["s" + suffix] = time.perf_counter() - start
+            grads[checkpoint] = [p.grad for p in net.parameters()]
+        for a, b in zip(grads[False], grads[True]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"checkpoint, {steps}")
+        row["memory_ratio"] = row["peak_mib_checkpoint"] / row["peak_mib"]
+        row["time_ratio"] = row["s_checkpoint"] / row["s"]
+        rows.append(row)
+        print(f"done: memory, {steps} inner steps", flush=True)
     return rows
 
 
@@ -270,6 +298,12 @@ def main() -> None:
         help="EEGNet inner steps for the memory table ('' to skip)",
     )
     args = parser.parse_args()
+    if args.device == "cpu" and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        # glibc raises its mmap threshold as large blocks are freed, after which freed memory
+        # stays in the process and later peaks go unseen; a fixed threshold makes large tensors
+        # come and go with the resident set, so the CPU peak-memory figures mean something
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
+        os.execv(sys.executable, [sys.executable, *sys.argv])
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     workloads = []
@@ -283,8 +317,10 @@ def main() -> None:
     start = time.perf_counter()
     for kind, w in workloads:
         compile = args.compile in ("all", kind)
-        rows += bench_workload(w, args.iterations, args.device, compile)
-        print(f"done: {w.name}", flush=True)
+        new_rows = bench_workload(w, args.iterations, args.device, compile)
+        rows += new_rows
+        summary = ", ".join(f"{r['variant']} {r['s_per_it'] * 1e3:.1f} ms" for r in new_rows)
+        print(f"done: {w.name}: {summary}", flush=True)
     print(
         f"\nmeta-iteration (grads + Adam step), device {args.device}, "
         f"{torch.get_num_threads()} threads, median of {args.iterations}\n"
@@ -304,8 +340,22 @@ def main() -> None:
     steps = [int(s) for s in args.memory_steps.split(",") if s]
     memory = memory_vs_steps(args.device, steps) if steps else []
     if memory:
-        print("\nEEGNet second-order MAML, peak memory of one meta-gradient vs inner steps\n")
-        print_table(memory, [("inner_steps", "inner steps", "d"), ("peak_mib", "peak MiB", ".1f")])
+        print(
+            "\nEEGNet second-order MAML (4 tasks), one meta-gradient vs inner steps, "
+            "without and with checkpoint_inner_steps (gradients checked equal to 1e-5)\n"
+        )
+        print_table(
+            memory,
+            [
+                ("inner_steps", "inner steps", "d"),
+                ("peak_mib", "peak MiB", ".1f"),
+                ("s", "s", ".2f"),
+                ("peak_mib_checkpoint", "peak MiB, checkpoint", ".1f"),
+                ("s_checkpoint", "s, checkpoint", ".2f"),
+                ("memory_ratio", "memory ratio", ".2f"),
+                ("time_ratio", "time ratio", ".2f"),
+            ],
+        )
     print(f"\nbench wall time {time.perf_counter() - start:.0f} s")
     write_json(args.json, {"device": args.device, "rows": rows, "memory": memory})
 

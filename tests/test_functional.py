@@ -265,6 +265,61 @@ def test_batchnorm_second_order_uses_loop_and_matches_finite_differences():
     assert max_abs_difference(grads, finite_difference_gradient(objective, params)) < 1e-7
 
 
+def _backward_gradients(net, **kwargs):
+    net.zero_grad()
+    out = meta_loss(net, "mse", *regression_tasks(), inner_lr=0.2, **kwargs)
+    out.loss.backward()  # checkpointed losses support backward(), not autograd.grad
+    return out, [p.grad.clone() for p in net.parameters()]
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_checkpointed_inner_steps_match_finite_differences_with_batchnorm(steps):
+    net = _bn_net()
+    net[1].running_mean.fill_(3.0)  # BatchNorm must keep its per-task mode during recomputation
+    buffers = [b.clone() for b in net.buffers()]
+    out, grads = _backward_gradients(net, inner_steps=steps, checkpoint_inner_steps=True)
+    assert not out.vectorized
+    for a, b in zip(net.buffers(), buffers):
+        assert torch.equal(a, b)
+    params = dict(net.named_parameters())
+
+    def objective(p):
+        with torch.enable_grad():
+            tasks = regression_tasks()
+            return meta_loss(net, "mse", *tasks, inner_lr=0.2, inner_steps=steps, params=p).loss
+
+    numeric = finite_difference_gradient(objective, params)
+    scale = max(v.abs().max().item() for v in numeric.values())
+    assert max_abs_difference(dict(zip(params, grads)), numeric) < 1e-7 * max(scale, 1.0)
+    _, plain = _backward_gradients(net, inner_steps=steps)
+    for a, b in zip(grads, plain):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_checkpointed_inner_steps_replay_the_same_dropout_masks():
+    net = nn.Sequential(nn.Linear(1, 16), nn.Tanh(), nn.Dropout(0.3), nn.Linear(16, 1)).double()
+    results = []
+    for checkpoint in (False, True):
+        torch.manual_seed(5)
+        # the loop both times: vmap draws its masks in another order
+        results.append(
+            _backward_gradients(
+                net, inner_steps=3, vectorize="loop", checkpoint_inner_steps=checkpoint
+            )
+        )
+    (plain, plain_grads), (ckpt, ckpt_grads) = results
+    torch.testing.assert_close(ckpt.query_losses, plain.query_losses, rtol=1e-12, atol=1e-12)
+    for a, b in zip(ckpt_grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_checkpointing_with_vmap_or_compile_is_refused():
+    net, tasks = tanh_mlp(), regression_tasks(dtype=torch.float32)
+    for kwargs, setting in [({"vectorize": "vmap"}, "vmap"), ({"compile": True}, "compile")]:
+        with pytest.raises(ValueError, match=f"checkpoint_inner_steps.*{setting}"):
+            meta_loss(net, "mse", *tasks, inner_lr=0.1, checkpoint_inner_steps=True, **kwargs)
+
+
 def test_batchnorm_uses_task_statistics_and_does_not_touch_running_stats():
     net = _bn_net().train()
     net[1].running_mean.fill_(3.0)

@@ -13,6 +13,7 @@ from tasks import quiet_trainer, regression_tasks, tanh_mlp
 from torch import nn
 
 from lightning_maml import Episode, MAMLModule
+from lightning_maml.callbacks import MetaGradientCheck
 from lightning_maml.datamodules import SinusoidDataModule
 from lightning_maml.datamodules.sinusoid import TaskSet
 from lightning_maml.functional import mse_loss
@@ -142,7 +143,23 @@ def test_classification_accuracy_is_logged_and_correct():
     assert result["val/query_acc_after"] == pytest.approx(expected)
 
 
+def test_checkpointed_training_passes_the_finite_difference_check():
+    check = MetaGradientCheck(every_n_steps=1, rtol=1e-6)
+    net = nn.Sequential(nn.Linear(1, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 1))
+    module = MAMLModule(net, inner_lr=0.3, inner_steps=3, checkpoint_inner_steps=True)
+    data = SinusoidDataModule(k_shot=5, query_size=5, meta_batch_size=3, batches_per_epoch=2)
+    quiet_trainer(max_steps=2, limit_val_batches=0, precision="64-true", callbacks=[check]).fit(
+        module, data
+    )
+    assert check.last_result["max_rel_error"] < 1e-6
+    assert not module.last_meta_output.vectorized
+
+
 def test_invalid_module_arguments_are_refused_at_construction():
+    with pytest.raises(ValueError, match="checkpoint_inner_steps.*compile=True"):
+        MAMLModule(MLP(), checkpoint_inner_steps=True, compile=True)
+    with pytest.raises(TypeError, match="`compile` must be True or False, got 'yes'"):
+        MAMLModule(MLP(), compile="yes")
     with pytest.raises(ValueError, match="`inner_steps` must be an integer >= 0, got -1"):
         MAMLModule(MLP(), inner_steps=-1)
     with pytest.raises(ValueError, match="`eval_inner_steps` must be an integer >= 0"):
