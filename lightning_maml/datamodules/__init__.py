@@ -1,7 +1,13 @@
 """DataModules yielding :class:`~lightning_maml.Episode` batches of support/query tasks."""
 
-from lightning_maml.datamodules.episodic import EpisodicDataset
+from lightning_maml.datamodules.episodic import EpisodeSampler, EpisodicDataset
 from lightning_maml.datamodules.moabb import MOABBDataModule
 from lightning_maml.datamodules.sinusoid import SinusoidDataModule, sample_sinusoid_tasks
 
-__all__ = ["EpisodicDataset", "MOABBDataModule", "SinusoidDataModule", "sample_sinusoid_tasks"]
+__all__ = [
+    "EpisodeSampler",
+    "EpisodicDataset",
+    "MOABBDataModule",
+    "SinusoidDataModule",
+    "sample_sinusoid_tasks",
+]

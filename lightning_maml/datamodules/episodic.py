@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from lightning_maml.episode import Episode
 from lightning_maml.functional import check_count
@@ -19,8 +19,9 @@ class EpisodicDataset(Dataset):
     For episode ``i`` the task is ``tasks[i % len(tasks)]``; ``n_way`` of its classes are drawn,
     and for each class ``k_shot + query_size`` distinct trials (without replacement inside the
     episode), the first ``k_shot`` for the support set and the rest for the query set, so both sets
-    are class-balanced. The draw depends only on ``(seed, i)``: a dataset with a fixed seed is a
-    fixed episode set.
+    are class-balanced. The draw depends only on ``(seed, epoch, i)``: a dataset with a fixed seed
+    is a fixed episode set, and :meth:`set_epoch` (called each epoch through
+    :class:`EpisodeSampler`) swaps it for a fresh one.
 
     Args:
         x: ``[N, *features]`` trials.
@@ -31,8 +32,9 @@ class EpisodicDataset(Dataset):
         query_size: query trials per class.
         num_episodes: length of the dataset.
         tasks: the tasks to draw from (default: every task in ``task_ids``, sorted).
-        relabel: map the episode's classes to ``0..n_way-1`` in drawn order (default ``True``);
-            ``False`` keeps the original labels.
+        relabel: map the episode's classes to ``0..n_way-1`` in drawn order (default ``True``),
+            so the same class takes different labels in different episodes; ``False`` keeps the
+            original labels (classes in ascending order).
         seed: seed of the draws.
 
     Raises:
@@ -79,6 +81,7 @@ class EpisodicDataset(Dataset):
         self.x, self.y = x, y
         self.n_way, self.k_shot, self.query_size = n_way, k_shot, query_size
         self.num_episodes, self.relabel, self.seed = num_episodes, relabel, seed
+        self.epoch = 0
         present = sorted(set(task_ids.tolist()))
         self.tasks = list(present if tasks is None else tasks)
         if not self.tasks:
@@ -104,12 +107,19 @@ class EpisodicDataset(Dataset):
     def __len__(self) -> int:
         return self.num_episodes
 
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the episodes of ``epoch`` from now on (epoch 0 is the initial set)."""
+        self.epoch = check_count(epoch, "epoch", minimum=0)
+
     def __getitem__(self, index: int) -> Episode:
         if not 0 <= index < self.num_episodes:
             raise IndexError(f"episode {index} out of range({self.num_episodes})")
-        rng = np.random.default_rng([self.seed, index])
+        key = [self.seed, index] if self.epoch == 0 else [self.seed, index, self.epoch]
+        rng = np.random.default_rng(key)
         pool = self.pools[self.tasks[index % len(self.tasks)]]
         classes = rng.choice(sorted(pool), size=self.n_way, replace=False)
+        if not self.relabel:
+            classes = np.sort(classes)
         support, query, support_y, query_y = [], [], [], []
         for position, c in enumerate(classes):
             picked = rng.choice(pool[c], size=self.k_shot + self.query_size, replace=False)
@@ -126,3 +136,36 @@ class EpisodicDataset(Dataset):
             self.x[query_idx],
             torch.tensor(query_y),
         )
+
+
+class EpisodeSampler(Sampler[int]):
+    """Shuffled order over an :class:`EpisodicDataset` whose ``set_epoch`` also gives the dataset
+    fresh episodes. Lightning calls ``set_epoch`` on a DataLoader's sampler at the start of every
+    training epoch (through DDP's sampler wrapper too), so each epoch meta-trains on new episodes.
+
+    Example::
+
+        >>> import torch
+        >>> x, y = torch.randn(40, 3), torch.arange(40) % 2
+        >>> episodes = EpisodicDataset(x, y, torch.zeros(40), 2, 5, 3, num_episodes=4)
+        >>> sampler = EpisodeSampler(episodes, seed=0)
+        >>> loader = torch.utils.data.DataLoader(episodes, batch_size=2, sampler=sampler)
+        >>> first = next(iter(loader)).support_x
+        >>> sampler.set_epoch(1)
+        >>> bool(torch.equal(first, next(iter(loader)).support_x))
+        False
+    """
+
+    def __init__(self, episodes: EpisodicDataset, seed: int = 0) -> None:
+        self.episodes, self.seed, self.epoch = episodes, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.episodes.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.episodes)
+
+    def __iter__(self) -> Iterator[int]:
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.episodes))
+        return iter(order.tolist())

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_maml.datamodules.episodic import EpisodicDataset
+from lightning_maml.datamodules.episodic import EpisodeSampler, EpisodicDataset
 from lightning_maml.functional import check_count
 
 
@@ -61,7 +61,13 @@ class MOABBDataModule(pl.LightningDataModule):
             drawn (seeded) from the remaining subjects with ``val_fraction`` / ``test_fraction``.
         n_way, k_shot, query_size: classes per episode, support and query trials per class.
         meta_batch_size: episodes (tasks) per batch.
-        episodes_per_epoch: training episodes per epoch; num_eval_episodes: per val/test split.
+        episodes_per_epoch: training episodes per epoch, drawn afresh every epoch
+            (:class:`~lightning_maml.datamodules.episodic.EpisodeSampler`); num_eval_episodes: per
+            val/test split, a fixed set.
+        relabel: ``False`` (default) keeps class indices (label ``j`` is ``classes[j]`` in every
+            episode, so a network has one output per class); ``True`` maps each episode's classes
+            to ``0..n_way-1`` in random order, so a class takes different labels in different
+            episodes.
         standardize: ``"subject"`` (default) or ``"none"``.
         cache_dir: where preprocessed arrays go (default ``<MNE data folder>/lightning_maml``).
         seed: seed of the split and the episodes.
@@ -103,6 +109,7 @@ class MOABBDataModule(pl.LightningDataModule):
         meta_batch_size: int = 4,
         episodes_per_epoch: int = 200,
         num_eval_episodes: int = 100,
+        relabel: bool = False,
         standardize: str = "subject",
         cache_dir: str | None = "default",
         seed: int = 0,
@@ -130,6 +137,7 @@ class MOABBDataModule(pl.LightningDataModule):
         self.meta_batch_size = meta_batch_size
         self.episodes_per_epoch, self.num_eval_episodes = episodes_per_epoch, num_eval_episodes
         self.standardize, self.seed, self.num_workers = standardize, seed, num_workers
+        self.relabel = relabel
         if cache_dir == "default":
             cache_dir = str(Path(mne_data_folder()) / "lightning_maml")
         self.cache_dir = Path(cache_dir) if cache_dir else None
@@ -244,13 +252,17 @@ class MOABBDataModule(pl.LightningDataModule):
             self.k_shot if k_shot is None else k_shot,
             self.query_size,
             num_episodes or self.num_eval_episodes,
+            relabel=self.relabel,
             seed=self.seed * 3 + offset if seed is None else seed,
         )
 
     def train_dataloader(self) -> DataLoader:
         episodes = self.episodes("train", self.episodes_per_epoch)
         return DataLoader(
-            episodes, batch_size=self.meta_batch_size, shuffle=True, num_workers=self.num_workers
+            episodes,
+            batch_size=self.meta_batch_size,
+            sampler=EpisodeSampler(episodes, seed=self.seed),
+            num_workers=self.num_workers,
         )
 
     def val_dataloader(self) -> DataLoader:
