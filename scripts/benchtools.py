@@ -1,4 +1,5 @@
-"""Timing helpers shared by the benchmark scripts (median over timed iterations after warm-up)."""
+"""Helpers shared by the scripts: timing (median over timed iterations after warm-up), memory,
+confidence intervals, tables and JSON."""
 
 from __future__ import annotations
 
@@ -26,6 +27,12 @@ def time_call(fn: Callable[[], object], warmup: int = 5, iterations: int = 20) -
 
 def median(times: list[float]) -> float:
     return statistics.median(times)
+
+
+def mean_and_ci95(values: list[float]) -> tuple[float, float]:
+    """Mean and half-width of its 95% confidence interval (normal approximation)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    return t.mean().item(), 1.96 * t.std().item() / math.sqrt(len(values))
 
 
 def _status_kib(field: str) -> int:

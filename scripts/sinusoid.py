@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
 import lightning.pytorch as pl
 import matplotlib
 import torch
+from benchtools import mean_and_ci95
 
 from lightning_maml import MAMLModule
 from lightning_maml.datamodules import SinusoidDataModule, sample_sinusoid_tasks
@@ -100,11 +100,6 @@ def evaluate(net: MLP, k_shot: int, steps: int, args: argparse.Namespace) -> lis
         track_initial_loss=False,
     )
     return out.query_losses.tolist()
-
-
-def mean_and_ci95(values: list[float]) -> tuple[float, float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    return t.mean().item(), 1.96 * t.std().item() / math.sqrt(len(values))
 
 
 def plot_fits(models: dict[str, MLP], args: argparse.Namespace, path: Path) -> None:

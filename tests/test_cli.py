@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from lightning_maml.cli import build_cli
@@ -48,3 +49,25 @@ def test_console_script_runs_and_prints_the_config(tmp_path):
     )
     assert "class_path: lightning_maml.models.MLP" in out.stdout
     assert "inner_lr: 0.01" in out.stdout
+
+
+def test_cli_fit_with_the_shipped_eeg_config(tmp_path):
+    pytest.importorskip("moabb")
+    config = yaml.safe_load((ROOT / "configs" / "eeg.yaml").read_text())
+    config["trainer"].update(
+        max_steps=2,
+        val_check_interval=2,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        default_root_dir=str(tmp_path),
+    )
+    config["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path)
+    config["data"]["init_args"].update(num_eval_episodes=2, episodes_per_epoch=8)
+    config["data"]["init_args"]["dataset_kwargs"]["trials_per_class"] = 20
+    path = tmp_path / "eeg.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cli = build_cli(["fit", "--config", str(path)])
+    assert cli.trainer.global_step == 2
+    assert type(cli.datamodule.dataset).__name__ == "SyntheticMotorImagery"
+    assert cli.datamodule.data["train"][0].shape[1:] == (13, 192)  # matches the EEGNet settings
+    assert "val/query_acc_after" in cli.trainer.callback_metrics

@@ -19,14 +19,21 @@ from lightning_maml.functional import check_count
 
 
 def _resolve(value: Any, module_name: str, kwargs: dict | None, argument: str) -> Any:
+    # a class name in `module_name`, or a dotted path "package.module.Class"
     if not isinstance(value, str):
+        if kwargs:
+            raise ValueError(f"`{argument}_kwargs` is only used when `{argument}` is a name")
         return value
     import importlib
 
-    module = importlib.import_module(module_name)
-    if not hasattr(module, value):
+    module_name, _, name = value.rpartition(".") if "." in value else (module_name, "", value)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(f"`{argument}` {value!r}: cannot import {module_name} ({error})") from None
+    if not hasattr(module, name):
         raise ValueError(f"`{argument}` {value!r} is not a class of {module_name}")
-    return getattr(module, value)(**(kwargs or {}))
+    return getattr(module, name)(**(kwargs or {}))
 
 
 def _describe(obj: Any) -> str:
@@ -53,8 +60,11 @@ class MOABBDataModule(pl.LightningDataModule):
     (:class:`~lightning_maml.datamodules.episodic.EpisodicDataset`).
 
     Args:
-        dataset: a MOABB dataset instance, or a class name in ``moabb.datasets``.
-        paradigm: a MOABB paradigm instance, or a class name in ``moabb.paradigms`` (default
+        dataset: a MOABB dataset instance, a class name in ``moabb.datasets`` or a dotted path to
+            a dataset class (e.g.
+            ``"lightning_maml.datamodules.synthetic_eeg.SyntheticMotorImagery"``), built with
+            ``dataset_kwargs``.
+        paradigm: a MOABB paradigm instance, a class name in ``moabb.paradigms`` (default
             ``"MotorImagery"``), built with ``paradigm_kwargs`` (e.g. ``events``, ``fmin``,
             ``fmax``, ``tmin``, ``tmax``, ``resample``).
         train_subjects, val_subjects, test_subjects: explicit subject lists; any left ``None`` are
@@ -71,6 +81,8 @@ class MOABBDataModule(pl.LightningDataModule):
         standardize: ``"subject"`` (default) or ``"none"``.
         cache_dir: where preprocessed arrays go (default ``<MNE data folder>/lightning_maml``).
         seed: seed of the split and the episodes.
+        num_workers: DataLoader worker processes.
+        dataset_kwargs: arguments of the dataset class when ``dataset`` is a name.
 
     Raises:
         ValueError: on unknown subjects, overlapping splits, an empty split or counts below 1.
@@ -114,6 +126,7 @@ class MOABBDataModule(pl.LightningDataModule):
         cache_dir: str | None = "default",
         seed: int = 0,
         num_workers: int = 0,
+        dataset_kwargs: dict | None = None,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -127,7 +140,7 @@ class MOABBDataModule(pl.LightningDataModule):
             check_count(value, name)
         if standardize not in ("subject", "none"):
             raise ValueError(f"`standardize` must be 'subject' or 'none', got {standardize!r}")
-        self.dataset = _resolve(dataset, "moabb.datasets", None, "dataset")
+        self.dataset = _resolve(dataset, "moabb.datasets", dataset_kwargs, "dataset")
         self.paradigm = _resolve(paradigm, "moabb.paradigms", paradigm_kwargs, "paradigm")
         self._paradigm_key = _describe(self.paradigm)  # before get_data, which sets attributes
         self.splits = self._split(

@@ -163,3 +163,16 @@ def test_real_physionet_subject_through_moabb(tmp_path, monkeypatch):
         f"\nPhysionetMI subject 1: load {first:.1f} s, cached load {second:.2f} s, "
         f"episode support {tuple(batch.support_x.shape)}, query {tuple(batch.query_x.shape)}"
     )
+
+
+def test_dataset_by_dotted_path_with_kwargs_and_clear_errors(tmp_path):
+    path = "lightning_maml.datamodules.synthetic_eeg.SyntheticMotorImagery"
+    dm = MOABBDataModule(path, dataset_kwargs={"n_subjects": 3}, cache_dir=None, test_fraction=0)
+    assert type(dm.dataset).__name__ == "SyntheticMotorImagery"
+    assert dm.dataset.subject_list == [1, 2, 3]
+    with pytest.raises(ValueError, match="`dataset` 'no_such.Module': cannot import no_such"):
+        MOABBDataModule("no_such.Module", cache_dir=None)
+    with pytest.raises(ValueError, match="`dataset` 'NoSuchDataset' is not a class of moabb"):
+        MOABBDataModule("NoSuchDataset", cache_dir=None)
+    with pytest.raises(ValueError, match="`dataset_kwargs` is only used when `dataset` is a name"):
+        MOABBDataModule(_fake(), dataset_kwargs={"n_subjects": 3}, cache_dir=None)
