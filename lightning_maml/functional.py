@@ -38,9 +38,11 @@ from torch.func import functional_call, vmap
 
 __all__ = [
     "ALGORITHMS",
+    "COMPILE_MODES",
     "VECTORIZE_MODES",
     "MetaLossOutput",
     "adapt_parameters",
+    "check_compile",
     "check_count",
     "check_episode",
     "check_inner_lr",
@@ -495,11 +497,34 @@ class _PrecomputedGradient(torch.autograd.Function):
         return (None, None, *(grad_output * g for g in ctx.grads))
 
 
+COMPILE_MODES: tuple[str, ...] = (
+    "default",
+    "reduce-overhead",
+    "max-autotune",
+    "max-autotune-no-cudagraphs",
+)
+
+
+def check_compile(value: object, name: str = "compile") -> str | None:
+    """The :func:`torch.compile` mode that ``compile`` asks for (``None``: no compilation).
+
+    ``False`` means none, ``True`` the ``"default"`` mode; a string names a mode of
+    :data:`COMPILE_MODES`."""
+    if value is False or value is None:
+        return None
+    if value is True:
+        return "default"
+    if isinstance(value, str) and value in COMPILE_MODES:
+        return value
+    raise ValueError(f"`{name}` must be True, False or one of {COMPILE_MODES}, got {value!r}")
+
+
 # compiled meta-gradient functions, per network and per setting that shapes the graph
 _COMPILED: weakref.WeakKeyDictionary[nn.Module, dict[tuple, Callable]] = weakref.WeakKeyDictionary()
 
 
 def _compiled_meta_loss(
+    mode: str,
     net: nn.Module,
     loss_fn: LossFn,
     inner_lr: float,
@@ -511,7 +536,16 @@ def _compiled_meta_loss(
     constants: dict[str, Tensor],
     batch: tuple[Tensor, ...],
 ) -> MetaLossOutput:
-    key = (loss_fn, inner_lr, inner_steps, algorithm, vectorized, track_initial_loss, net.training)
+    key = (
+        mode,
+        loss_fn,
+        inner_lr,
+        inner_steps,
+        algorithm,
+        vectorized,
+        track_initial_loss,
+        net.training,
+    )
     compiled = _COMPILED.setdefault(net, {}).get(key)
     if compiled is None:
 
@@ -528,11 +562,19 @@ def _compiled_meta_loss(
 
         # the whole meta-gradient (inner grads, adaptation, outer grad) is one forward graph for
         # the compiler; no backward runs through compiled code
-        compiled = torch.compile(torch.func.grad_and_value(objective, has_aux=True), dynamic=False)
+        compiled = torch.compile(
+            torch.func.grad_and_value(objective, has_aux=True), mode=mode, dynamic=False
+        )
         _COMPILED[net][key] = compiled
     names = list(params)
     detached = {name: params[name].detach() for name in names}
     grads, (loss, (query_losses, predictions, initial)) = compiled(detached, constants, *batch)
+    if mode in ("reduce-overhead", "max-autotune"):
+        # CUDA-graph outputs live in memory the next replay overwrites: keep copies
+        grads = {name: g.clone() for name, g in grads.items()}
+        loss, query_losses, predictions, initial = (
+            t.clone() for t in (loss, query_losses, predictions, initial)
+        )
     loss = _PrecomputedGradient.apply(
         loss, tuple(grads[name] for name in names), *(params[name] for name in names)
     )
@@ -582,7 +624,7 @@ def meta_loss(
     vectorize: Vectorize = "auto",
     params: Mapping[str, Tensor] | None = None,
     track_initial_loss: bool = True,
-    compile: bool = False,
+    compile: bool | str = False,
     checkpoint_inner_steps: bool = False,
 ) -> MetaLossOutput:
     """Meta-loss of a batch of tasks: adapt on each task's support set, evaluate its query set.
@@ -608,6 +650,8 @@ def meta_loss(
             it to ``.loss``'s backward. The first call for a network and set of shapes compiles
             (seconds to a minute); later calls are several times faster on small networks. The
             returned ``loss`` supports one backward (no higher-order gradients through it).
+            ``True`` uses torch.compile's default mode; a string picks another mode of
+            :data:`COMPILE_MODES` (``"reduce-overhead"`` replays CUDA graphs on a GPU).
         checkpoint_inner_steps: for second-order ``"maml"``, trade compute for memory on long
             inner loops: each inner step is checkpointed (see :func:`adapt_parameters`), so peak
             memory stays near that of one step whatever ``inner_steps`` is. Tasks then run in the
@@ -636,8 +680,9 @@ def meta_loss(
     if algorithm not in ALGORITHMS:
         raise ValueError(f"`algorithm` must be one of {ALGORITHMS}, got {algorithm!r}")
     check_episode(support_x, support_y, query_x, query_y)
+    compile_mode = check_compile(compile)
     params, constants = split_parameters(net, params)
-    if checkpoint_inner_steps and (vectorize == "vmap" or compile):
+    if checkpoint_inner_steps and (vectorize == "vmap" or compile_mode):
         setting = "vectorize='vmap'" if vectorize == "vmap" else "compile=True"
         raise ValueError(
             f"`checkpoint_inner_steps=True` cannot be combined with {setting}: checkpointed "
@@ -660,8 +705,9 @@ def meta_loss(
 
     batch = (support_x, support_y, query_x, query_y)
     with task_batch_norm(net):
-        if compile:
+        if compile_mode:
             return _compiled_meta_loss(
+                compile_mode,
                 net,
                 loss_fn,
                 inner_lr,

@@ -16,6 +16,7 @@ from lightning_maml.functional import (
     ALGORITHMS,
     VECTORIZE_MODES,
     MetaLossOutput,
+    check_compile,
     check_inner_lr,
     check_inner_steps,
     meta_loss,
@@ -75,7 +76,8 @@ class MAMLModule(pl.LightningModule):
         compile: compute the training meta-gradient with ``torch.compile`` (see
             :func:`lightning_maml.functional.meta_loss`): the first steps compile (seconds to a
             minute, again for each new batch shape), later steps run several times faster on small
-            networks. Validation and test stay eager.
+            networks. Validation and test stay eager. A string picks a ``torch.compile`` mode
+            (e.g. ``"reduce-overhead"``: CUDA graphs on a GPU).
         checkpoint_inner_steps: checkpoint each inner step of second-order training (see
             :func:`lightning_maml.functional.meta_loss`): peak memory stays near one step's
             whatever ``inner_steps`` is, for about the cost of a second forward pass of the inner
@@ -109,7 +111,7 @@ class MAMLModule(pl.LightningModule):
         vectorize: str = "auto",
         classification: bool | None = None,
         track_initial_loss: bool = True,
-        compile: bool = False,
+        compile: bool | str = False,
         checkpoint_inner_steps: bool = False,
     ) -> None:
         super().__init__()
@@ -138,9 +140,7 @@ class MAMLModule(pl.LightningModule):
         self.meta_lr = meta_lr
         self.optimizer = optimizer
         self.track_initial_loss = track_initial_loss
-        if not isinstance(compile, bool):
-            raise TypeError(f"`compile` must be True or False, got {compile!r}")
-        self.compile_meta_gradient = compile
+        self.compile_meta_gradient = check_compile(compile)
         if not isinstance(checkpoint_inner_steps, bool):
             raise TypeError(
                 f"`checkpoint_inner_steps` must be True or False, got {checkpoint_inner_steps!r}"
@@ -190,7 +190,7 @@ class MAMLModule(pl.LightningModule):
             vectorize=self.vectorize,
             params=params,
             track_initial_loss=self.track_initial_loss or not train,
-            compile=self.compile_meta_gradient and train,
+            compile=train and self.compile_meta_gradient or False,
             checkpoint_inner_steps=self.checkpoint_inner_steps and train,
         )
 

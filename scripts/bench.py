@@ -49,7 +49,7 @@ from torch.utils.data import DataLoader
 from lightning_maml import MAML, Episode, MAMLModule
 from lightning_maml.datamodules import SinusoidDataModule, sample_sinusoid_tasks
 from lightning_maml.datamodules.sinusoid import TaskSet
-from lightning_maml.functional import meta_loss, resolve_loss, uses_vmap
+from lightning_maml.functional import COMPILE_MODES, meta_loss, resolve_loss, uses_vmap
 from lightning_maml.models import MLP
 from lightning_maml.models.eegnet import EEGNet
 
@@ -118,7 +118,7 @@ def engine_meta_gradient(
     w: Workload,
     batch: Episode,
     mode: str,
-    compile: bool = False,
+    compile: bool | str = False,
     checkpoint: bool = False,
 ) -> None:
     meta_loss(
@@ -152,7 +152,9 @@ def peak_memory_mib(fn: Callable[[], None], device: str) -> float:
     return rss_peak_rise_mib(fn)
 
 
-def time_trainer_fit(w: Workload, iterations: int, device: str, compile: bool = False) -> float:
+def time_trainer_fit(
+    w: Workload, iterations: int, device: str, compile: bool | str = False
+) -> float:
     pl.seed_everything(0, verbose=False)
     module = MAMLModule(
         w.make_net(),
@@ -194,7 +196,7 @@ def time_trainer_fit(w: Workload, iterations: int, device: str, compile: bool = 
     return (time.perf_counter() - Timer.start) / iterations
 
 
-def bench_workload(w: Workload, iterations: int, device: str, compile: bool) -> list[dict]:
+def bench_workload(w: Workload, iterations: int, device: str, compile: bool | str) -> list[dict]:
     torch.manual_seed(0)
     net = w.make_net().to(device)
     batch = Episode(*(t.to(device) for t in w.batch))
@@ -209,7 +211,7 @@ def bench_workload(w: Workload, iterations: int, device: str, compile: bool) -> 
     else:
         vmap_note = "vmap refused (BatchNorm, second order): auto runs the loop"
     if compile:
-        variants["engine compiled"] = lambda: engine_meta_gradient(net, w, batch, "auto", True)
+        variants["engine compiled"] = lambda: engine_meta_gradient(net, w, batch, "auto", compile)
     reference = gradients(net, variants["wrapper loop"])
     for name, step in variants.items():
         for a, b in zip(reference, gradients(net, step)):
@@ -234,7 +236,7 @@ def bench_workload(w: Workload, iterations: int, device: str, compile: bool) -> 
                 "peak_mib": peak_memory_mib(iteration, device),
             }
         )
-    for compiled in (False, True) if compile else (False,):
+    for compiled in (False, compile) if compile else (False,):
         rows.append(
             {
                 "workload": w.name,
@@ -293,6 +295,12 @@ def main() -> None:
         help="workloads that also run the compiled variants",
     )
     parser.add_argument(
+        "--compile-mode",
+        default="default",
+        choices=list(COMPILE_MODES),
+        help="torch.compile mode of the compiled variants",
+    )
+    parser.add_argument(
         "--memory-steps",
         default="1,5,10,20",
         help="EEGNet inner steps for the memory table ('' to skip)",
@@ -316,7 +324,7 @@ def main() -> None:
     rows = []
     start = time.perf_counter()
     for kind, w in workloads:
-        compile = args.compile in ("all", kind)
+        compile = args.compile in ("all", kind) and args.compile_mode
         new_rows = bench_workload(w, args.iterations, args.device, compile)
         rows += new_rows
         summary = ", ".join(f"{r['variant']} {r['s_per_it'] * 1e3:.1f} ms" for r in new_rows)
