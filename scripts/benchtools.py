@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import lightning.pytorch as pl
 import torch
 
 
@@ -23,6 +24,20 @@ def time_call(fn: Callable[[], object], warmup: int = 5, iterations: int = 20) -
         fn()
         times.append(time.perf_counter() - start)
     return times
+
+
+def cpu_trainer(max_steps: int, progress_bar: bool) -> pl.Trainer:
+    """One-process CPU Trainer for the experiment scripts: no validation, logger or checkpoints."""
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=progress_bar,
+    )
 
 
 def median(times: list[float]) -> float:

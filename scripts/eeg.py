@@ -31,7 +31,7 @@ import lightning.pytorch as pl
 import matplotlib
 import mne
 import torch
-from benchtools import mean_and_ci95
+from benchtools import cpu_trainer, mean_and_ci95
 from torch import nn
 
 from lightning_maml import Episode, MAMLModule
@@ -125,17 +125,7 @@ def train(data: MOABBDataModule, inner_steps: int, args: argparse.Namespace) -> 
         inner_steps=inner_steps,
         meta_lr=args.meta_lr,
     )
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=args.meta_steps,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=not args.no_progress_bar,
-    )
-    trainer.fit(module, data)
+    cpu_trainer(args.meta_steps, progress_bar=not args.no_progress_bar).fit(module, data)
     return net.eval()
 
 

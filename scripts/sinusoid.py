@@ -22,7 +22,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import matplotlib
 import torch
-from benchtools import mean_and_ci95
+from benchtools import cpu_trainer, mean_and_ci95
 
 from lightning_maml import MAMLModule
 from lightning_maml.datamodules import SinusoidDataModule, sample_sinusoid_tasks
@@ -69,17 +69,7 @@ def train(inner_steps: int, args: argparse.Namespace) -> MLP:
         batches_per_epoch=min(args.iterations, 1000),
         seed=args.seed,
     )
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=args.iterations,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=not args.no_progress_bar,
-    )
-    trainer.fit(module, data)
+    cpu_trainer(args.iterations, progress_bar=not args.no_progress_bar).fit(module, data)
     return net
 
 

@@ -10,6 +10,8 @@ import mne
 import numpy as np
 from moabb.datasets.base import BaseDataset
 
+from lightning_maml.functional import check_count
+
 __all__ = ["SyntheticMotorImagery"]
 
 # class -> the motor cortex whose mu rhythm it modulates (contralateral for the hands)
@@ -96,9 +98,8 @@ class SyntheticMotorImagery(BaseDataset):
         snr: float = 1.0,
         seed: int = 0,
     ) -> None:
-        for name, value in (("n_subjects", n_subjects), ("trials_per_class", trials_per_class)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}")
+        check_count(n_subjects, "n_subjects")
+        check_count(trials_per_class, "trials_per_class")
         unknown = sorted(set(events) - set(_SOURCES))
         if unknown or not events:
             raise ValueError(
