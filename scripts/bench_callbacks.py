@@ -13,7 +13,7 @@ import argparse
 import time
 
 import lightning.pytorch as pl
-from benchtools import print_table, write_json
+from benchtools import cpu_trainer, print_table, write_json
 
 from lightning_maml import MAMLModule
 from lightning_maml.callbacks import MetaGradientCheck, MetaGradientLogger
@@ -37,17 +37,7 @@ def run(callbacks: list, steps: int) -> float:
     pl.seed_everything(0, verbose=False)
     module = MAMLModule(MLP(), inner_lr=0.01, inner_steps=1)
     data = SinusoidDataModule(meta_batch_size=25, batches_per_epoch=steps)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=steps,
-        limit_val_batches=0,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        callbacks=callbacks,
-    )
+    trainer = cpu_trainer(steps, callbacks=callbacks)
     start = time.perf_counter()
     trainer.fit(module, data)
     return steps / (time.perf_counter() - start)

@@ -26,7 +26,7 @@ def time_call(fn: Callable[[], object], warmup: int = 5, iterations: int = 20) -
     return times
 
 
-def cpu_trainer(max_steps: int, progress_bar: bool) -> pl.Trainer:
+def cpu_trainer(max_steps: int, progress_bar: bool = False, **kwargs: object) -> pl.Trainer:
     """One-process CPU Trainer for the experiment scripts: no validation, logger or checkpoints."""
     return pl.Trainer(
         accelerator="cpu",
@@ -37,6 +37,7 @@ def cpu_trainer(max_steps: int, progress_bar: bool) -> pl.Trainer:
         enable_checkpointing=False,
         enable_model_summary=False,
         enable_progress_bar=progress_bar,
+        **kwargs,
     )
 
 
