@@ -7,6 +7,7 @@ the fits on one held-out task.
 
     python scripts/sinusoid.py                       # a few minutes on 2 CPU cores
     python scripts/sinusoid.py --iterations 70000    # the paper's schedule
+    python scripts/sinusoid.py --compile             # torch.compile'd meta-gradient
 
 The jointly trained baseline is the same network fitted directly to the query points of the same
 tasks (``MAMLModule`` with ``inner_steps=0``).
@@ -50,6 +51,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="outputs/sinusoid")
     parser.add_argument("--no-progress-bar", action="store_true")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="meta-train with MAMLModule(compile=True) (torch.compile; needs a C++ compiler)",
+    )
     args = parser.parse_args()
     if args.iterations < 1:
         parser.error(f"--iterations must be >= 1, got {args.iterations}")
@@ -62,7 +68,13 @@ def train(inner_steps: int, args: argparse.Namespace) -> MLP:
     """Meta-train (inner_steps >= 1) or jointly train (inner_steps = 0) an MLP on the tasks."""
     pl.seed_everything(args.seed, verbose=False)
     net = MLP()
-    module = MAMLModule(net, inner_lr=args.inner_lr, inner_steps=inner_steps, meta_lr=args.meta_lr)
+    module = MAMLModule(
+        net,
+        inner_lr=args.inner_lr,
+        inner_steps=inner_steps,
+        meta_lr=args.meta_lr,
+        compile=args.compile,
+    )
     data = SinusoidDataModule(
         k_shot=args.k_shot,
         meta_batch_size=args.meta_batch_size,
