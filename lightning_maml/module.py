@@ -66,7 +66,8 @@ class MAMLModule(pl.LightningModule):
         inner_steps: inner-loop steps in training (default 1).
         eval_inner_steps: inner-loop steps in validation and test (default: ``inner_steps``).
         algorithm: ``"maml"`` (second order, default), ``"fomaml"`` (first order) or ``"reptile"``.
-        meta_lr: learning rate of the default meta-optimizer, Adam (default 1e-3).
+        meta_lr: learning rate of the default meta-optimizer, Adam (default 1e-3; torch's fused
+            Adam where the parameters' device and dtype have one).
         optimizer: a callable ``params -> Optimizer`` replacing the default (in a LightningCLI
             config: ``class_path`` and ``init_args``).
         vectorize: ``"auto"`` (default), ``"vmap"`` or ``"loop"``.
@@ -156,6 +157,8 @@ class MAMLModule(pl.LightningModule):
         self.save_hyperparameters(ignore=ignore)
         self.net = net
         self.last_meta_output: MetaLossOutput | None = None
+        # per-epoch (sum, count) of the training values; folded into train_metrics at epoch end
+        self._train_totals: dict[str, tuple[Tensor, int]] = {}
         names = ["query_loss_before", "query_loss_after"]
         if self.classification:
             names.append("query_acc_after")
@@ -227,10 +230,12 @@ class MAMLModule(pl.LightningModule):
         out = self.meta_forward(episode)
         self.last_meta_output = out._replace(loss=out.loss.detach())  # for MetaGradientLogger
         values = self._metric_values(out, episode)
+        # self.log and metric updates are costly next to a small meta-batch: step values go out on
+        # logging steps only; every step adds to plain running sums, and their epoch means go out
+        # (through torchmetrics, synchronised across processes) in on_train_epoch_end
         for name, value in values.items():
-            self.train_metrics[name].update(value)
-        # self.log is costly next to a small meta-batch: step values go out on logging steps only,
-        # epoch means (torchmetrics, every step included) in on_train_epoch_end
+            total, count = self._train_totals.get(name, (0, 0))
+            self._train_totals[name] = (total + value.detach().sum(), count + value.numel())
         if self._is_logging_step():
             step_values = {f"train/{name}": v.mean() for name, v in values.items()}
             step_values["train/loss"] = out.loss.detach()
@@ -238,10 +243,12 @@ class MAMLModule(pl.LightningModule):
         return out.loss
 
     def on_train_epoch_end(self) -> None:
-        for name, metric in self.train_metrics.items():
-            if metric.update_called:
-                self.log(f"train/{name}_epoch", metric.compute())
-                metric.reset()
+        for name, (total, count) in self._train_totals.items():
+            metric = self.train_metrics[name]
+            metric.update(total / count, weight=count)
+            self.log(f"train/{name}_epoch", metric.compute())
+            metric.reset()
+        self._train_totals.clear()
 
     def _update_metrics(self, stage: str, out: MetaLossOutput, batch: Episode) -> None:
         metrics = getattr(self, f"{stage}_metrics")
@@ -273,4 +280,7 @@ class MAMLModule(pl.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         if self.optimizer is not None:
             return self.optimizer(self.net.parameters())
-        return torch.optim.Adam(self.net.parameters(), lr=self.meta_lr)
+        try:  # the fused kernel: one call per step instead of a Python loop over parameters
+            return torch.optim.Adam(self.net.parameters(), lr=self.meta_lr, fused=True)
+        except (RuntimeError, TypeError, ValueError):  # device or dtype without a fused Adam
+            return torch.optim.Adam(self.net.parameters(), lr=self.meta_lr)

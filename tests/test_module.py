@@ -102,6 +102,28 @@ def test_double_precision_gradient_clipping_and_csv_logger(tmp_path):
         assert name in header.split(","), header
 
 
+def test_epoch_means_are_the_means_over_every_task_of_the_epoch(tmp_path):
+    seen = {"query_loss_after": [], "query_loss_before": []}
+
+    class Record(Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            out = pl_module.last_meta_output
+            seen["query_loss_after"].append(out.query_losses)
+            seen["query_loss_before"].append(out.initial_query_losses)
+
+    module = MAMLModule(MLP(hidden=(8,)), inner_lr=0.1)
+    data = SinusoidDataModule(meta_batch_size=3, batches_per_epoch=5)
+    trainer = quiet_trainer(
+        max_epochs=1, limit_val_batches=0, callbacks=[Record()], logger=CSVLogger(tmp_path)
+    )
+    trainer.fit(module, data)
+    for name, values in seen.items():
+        assert len(values) == 5
+        expected = torch.cat(values).mean().item()
+        logged = trainer.logged_metrics[f"train/{name}_epoch"].item()
+        assert logged == pytest.approx(expected, rel=1e-6)
+
+
 def test_checkpoint_resume_continues_the_same_trajectory(tmp_path):
     def run(max_epochs, ckpt=None):
         pl.seed_everything(0)
