@@ -23,10 +23,11 @@ one iteration and the speed ratio to the wrapper loop measured in the same run. 
 ``max_memory_allocated`` on CUDA; on the CPU it is the rise of the process's resident-memory high
 water mark (``VmHWM``, reset through ``/proc/self/clear_refs``) over one iteration, so it includes
 the allocator's behaviour and reads near 0 when an iteration's tensors fit in memory the process
-already holds; the script re-runs itself with glibc's ``MALLOC_MMAP_THRESHOLD_`` fixed so that
-large tensors are returned to the system when freed. A second table gives EEGNet's peak memory and
-time of one meta-gradient against the number of inner steps, without and with
-``checkpoint_inner_steps``.
+already holds. It is measured after all timings, in a child process started with glibc's mmap
+threshold fixed (``MALLOC_MMAP_THRESHOLD_``) so that large freed blocks go back to the system; that
+setting slows large allocations, so no timing runs under it. A second table gives EEGNet's time
+and peak memory of one meta-gradient against the number of inner steps, without and with
+``checkpoint_inner_steps`` (time in this process, memory in the child).
 
     python scripts/bench.py [--device cuda] [--iterations 20] [--json outputs/bench.json]
 """
@@ -34,13 +35,17 @@ time of one meta-gradient against the number of inner steps, without and with
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
@@ -200,53 +205,56 @@ def time_trainer_fit(
     return (time.perf_counter() - Timer.start) / iterations
 
 
-def bench_workload(w: Workload, iterations: int, device: str, compile: bool | str) -> list[dict]:
+def make_variants(
+    w: Workload, device: str, compile: bool | str, check: bool = True
+) -> tuple[dict[str, Callable[[], None]], str]:
+    """One meta-iteration (zero grads, meta-gradient, Adam step) per variant, all on one network
+    and batch and (``check``) checked to give the wrapper loop's gradient; and a note on the vmap
+    variant."""
     torch.manual_seed(0)
     net = w.make_net().to(device)
     batch = Episode(*(t.to(device) for t in w.batch))
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
-    variants: dict[str, Callable[[], None]] = {
+    steps: dict[str, Callable[[], None]] = {
         "wrapper loop": lambda: wrapper_meta_gradient(net, w, batch),
         "engine loop": lambda: engine_meta_gradient(net, w, batch, "loop"),
     }
     vmap_note = ""
     if uses_vmap(net, w.algorithm, "auto"):
-        variants["engine vmap"] = lambda: engine_meta_gradient(net, w, batch, "vmap")
+        steps["engine vmap"] = lambda: engine_meta_gradient(net, w, batch, "vmap")
     else:
         vmap_note = "vmap refused (BatchNorm, second order): auto runs the loop"
     if compile:
-        variants["engine compiled"] = lambda: engine_meta_gradient(net, w, batch, "auto", compile)
-    reference = gradients(net, variants["wrapper loop"])
-    for name, step in variants.items():
-        for a, b in zip(reference, gradients(net, step)):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"{w.name}: {name}")
+        steps["engine compiled"] = lambda: engine_meta_gradient(net, w, batch, "auto", compile)
+    if check:
+        reference = gradients(net, steps["wrapper loop"])
+        for name, step in steps.items():  # compiled variants compile here
+            for a, b in zip(reference, gradients(net, step)):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"{w.name}: {name}")
 
+    def iteration(step: Callable[[], None]) -> None:
+        optimizer.zero_grad()
+        step()
+        optimizer.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    return {name: partial(iteration, step) for name, step in steps.items()}, vmap_note
+
+
+def bench_workload(w: Workload, iterations: int, device: str, compile: bool | str) -> list[dict]:
+    """Timed rows of one workload (peak memory is filled in later)."""
+    variants, vmap_note = make_variants(w, device, compile)
     rows = []
-    for name, step in variants.items():
-
-        def iteration(step=step):
-            optimizer.zero_grad()
-            step()
-            optimizer.step()
-            if device == "cuda":
-                torch.cuda.synchronize()
-
+    for name, iteration in variants.items():
         seconds = median(time_call(iteration, warmup=w.warmup, iterations=iterations))
-        rows.append(
-            {
-                "workload": w.name,
-                "variant": name,
-                "s_per_it": seconds,
-                "peak_mib": peak_memory_mib(iteration, device),
-            }
-        )
+        rows.append({"workload": w.name, "variant": name, "s_per_it": seconds})
     for compiled in (False, compile) if compile else (False,):
         rows.append(
             {
                 "workload": w.name,
                 "variant": "Trainer.fit compiled" if compiled else "Trainer.fit",
                 "s_per_it": time_trainer_fit(w, max(iterations, w.fit_steps), device, compiled),
-                "peak_mib": math.nan,
             }
         )
     base = rows[0]["s_per_it"]
@@ -254,12 +262,25 @@ def bench_workload(w: Workload, iterations: int, device: str, compile: bool | st
         row["it_per_s"] = 1 / row["s_per_it"]
         row["speedup"] = base / row["s_per_it"]
         row["note"] = vmap_note if row["variant"] == "engine loop" else ""
+        row["peak_mib"] = math.nan
     return rows
 
 
-def memory_vs_steps(device: str, steps_list: list[int]) -> list[dict]:
-    """EEGNet second-order meta-gradient: peak memory and seconds of one call, without and with
-    ``checkpoint_inner_steps``, against the number of inner steps."""
+def variant_peaks(w: Workload, device: str, compile: bool | str) -> dict[str, float]:
+    """Peak memory of one meta-iteration of each variant, after an untimed first one (which
+    compiles the compiled variants)."""
+    variants, _ = make_variants(w, device, compile, check=False)
+    peaks = {}
+    for name, iteration in variants.items():
+        iteration()
+        peaks[name] = peak_memory_mib(iteration, device)
+    return peaks
+
+
+def memory_table(device: str, steps_list: list[int], measure: str) -> list[dict]:
+    """EEGNet second-order meta-gradient against the number of inner steps, without and with
+    ``checkpoint_inner_steps``: seconds of one call (``measure="time"``, gradients checked equal)
+    or its peak memory (``"memory"``)."""
     rows = []
     batch = Episode(*(t.to(device) for t in eegnet_batch()))
     for steps in steps_list:
@@ -270,20 +291,51 @@ def memory_vs_steps(device: str, steps_list: list[int]) -> list[dict]:
             net = EEGNet(22, 500, 4, sampling_rate=250, dropout=0.0).to(device)
             w = Workload("", lambda net=net: net, "cross_entropy", batch, steps, "maml", list)
             call = partial(engine_meta_gradient, net, w, batch, "auto", False, checkpoint)
-            start = time.perf_counter()
             suffix = "_checkpoint" if checkpoint else ""
-            row["peak_mib" + suffix] = peak_memory_mib(call, device)
+            if measure == "memory":
+                row["peak_mib" + suffix] = peak_memory_mib(call, device)
+                continue
+            start = time.perf_counter()
+            call()
             if device == "cuda":
                 torch.cuda.synchronize()
             row["s" + suffix] = time.perf_counter() - start
             grads[checkpoint] = [p.grad for p in net.parameters()]
-        for a, b in zip(grads[False], grads[True]):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"checkpoint, {steps}")
-        row["memory_ratio"] = row["peak_mib_checkpoint"] / row["peak_mib"]
-        row["time_ratio"] = row["s_checkpoint"] / row["s"]
+        if measure == "time":
+            for a, b in zip(grads[False], grads[True]):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"checkpoint {steps}")
         rows.append(row)
-        print(f"done: memory, {steps} inner steps", flush=True)
+        print(f"done: inner steps {steps} ({measure})", flush=True)
     return rows
+
+
+def measure_memory(args: argparse.Namespace, workloads: list, steps: list[int]) -> dict:
+    """Peak memory of every variant and of the inner-steps table. On the CPU this runs in a child
+    process started with glibc's mmap threshold fixed at 64 KiB: large freed blocks then go back
+    to the system, so the resident high-water mark follows live tensors (glibc otherwise raises
+    the threshold as blocks are freed, keeps later ones, and peaks that reuse them go unseen).
+    The fixed threshold slows large allocations, hence a separate process for it."""
+    if args.device == "cpu" and not args.memory_child:
+        with tempfile.TemporaryDirectory() as folder:
+            out = Path(folder) / "memory.json"
+            command = [
+                sys.executable,
+                __file__,
+                *sys.argv[1:],
+                "--memory-child",
+                "--json",
+                str(out),
+            ]
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
+            subprocess.run(command, env=env, check=True)
+            return json.loads(out.read_text())
+    peaks = {}
+    for kind, w in workloads:
+        compile = args.compile in ("all", kind) and args.compile_mode
+        for name, peak in variant_peaks(w, args.device, compile).items():
+            peaks[f"{w.name} | {name}"] = peak
+        print(f"done: memory of {w.name}", flush=True)
+    return {"peaks": peaks, "table": memory_table(args.device, steps, "memory")}
 
 
 def main() -> None:
@@ -309,13 +361,8 @@ def main() -> None:
         default="1,5,10,20",
         help="EEGNet inner steps for the memory table ('' to skip)",
     )
+    parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.device == "cpu" and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        # glibc raises its mmap threshold as large blocks are freed, after which freed memory
-        # stays in the process and later peaks go unseen; a fixed threshold makes large tensors
-        # come and go with the resident set, so the CPU peak-memory figures mean something
-        os.environ["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
-        os.execv(sys.executable, [sys.executable, *sys.argv])
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     workloads = []
@@ -325,6 +372,10 @@ def main() -> None:
         ]
     if args.workloads in ("all", "eegnet"):
         workloads += [("eegnet", eegnet_workload(s)) for s in (1, 5)]
+    steps = [int(s) for s in args.memory_steps.split(",") if s]
+    if args.memory_child:
+        write_json(args.json, measure_memory(args, workloads, steps))
+        return
     rows = []
     start = time.perf_counter()
     for kind, w in workloads:
@@ -333,6 +384,14 @@ def main() -> None:
         rows += new_rows
         summary = ", ".join(f"{r['variant']} {r['s_per_it'] * 1e3:.1f} ms" for r in new_rows)
         print(f"done: {w.name}: {summary}", flush=True)
+    memory = memory_table(args.device, steps, "time")
+    measured = measure_memory(args, workloads, steps)
+    for row in rows:
+        row["peak_mib"] = measured["peaks"].get(f"{row['workload']} | {row['variant']}", math.nan)
+    for row, peaks in zip(memory, measured["table"]):
+        row.update(peaks)
+        row["memory_ratio"] = row["peak_mib_checkpoint"] / row["peak_mib"]
+        row["time_ratio"] = row["s_checkpoint"] / row["s"]
     print(
         f"\nmeta-iteration (grads + Adam step), device {args.device}, "
         f"{torch.get_num_threads()} threads, median of {args.iterations}\n"
@@ -349,8 +408,6 @@ def main() -> None:
             ("note", "note", "s"),
         ],
     )
-    steps = [int(s) for s in args.memory_steps.split(",") if s]
-    memory = memory_vs_steps(args.device, steps) if steps else []
     if memory:
         print(
             "\nEEGNet second-order MAML (4 tasks), one meta-gradient vs inner steps, "

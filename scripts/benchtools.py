@@ -60,7 +60,8 @@ def _status_kib(field: str) -> int:
 
 def rss_peak_rise_mib(fn: Callable[[], object]) -> float:
     """Rise of this process's resident-memory high water mark over one call of ``fn``, MiB (Linux;
-    NaN where ``/proc/self/clear_refs`` cannot reset the mark)."""
+    NaN where ``/proc/self/clear_refs`` cannot reset the mark). Meaningful only where freed
+    large blocks go back to the system (e.g. ``MALLOC_MMAP_THRESHOLD_`` set)."""
     try:  # writing 5 resets VmHWM to the current VmRSS
         Path("/proc/self/clear_refs").write_text("5")
         base = _status_kib("VmRSS")
