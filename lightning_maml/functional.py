@@ -42,6 +42,7 @@ __all__ = [
     "VECTORIZE_MODES",
     "MetaLossOutput",
     "adapt_parameters",
+    "check_checkpointing",
     "check_compile",
     "check_count",
     "check_episode",
@@ -482,6 +483,12 @@ def _run_tasks(
     return tuple(torch.stack(parts) for parts in zip(*per_task))
 
 
+def _mean_loss(outputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    # per-task losses -> the meta-loss, their mean
+    losses, *rest = outputs
+    return (losses.mean(), *rest)
+
+
 class _PrecomputedGradient(torch.autograd.Function):
     """Returns ``value``; its backward hands each of ``params`` the matching tensor of ``grads``
     (times the incoming gradient), so a meta-gradient computed ahead (by a compiled
@@ -519,46 +526,46 @@ def check_compile(value: object, name: str = "compile") -> str | None:
     raise ValueError(f"`{name}` must be True, False or one of {COMPILE_MODES}, got {value!r}")
 
 
+def check_checkpointing(checkpoint_inner_steps: object, vectorize: str, compile: object) -> bool:
+    """Return ``checkpoint_inner_steps`` if it is a bool that can be used with these ``vectorize``
+    and ``compile`` settings: checkpointed tasks run one by one and uncompiled."""
+    if not isinstance(checkpoint_inner_steps, bool):
+        raise TypeError(
+            f"`checkpoint_inner_steps` must be True or False, got {checkpoint_inner_steps!r}"
+        )
+    if checkpoint_inner_steps and (vectorize == "vmap" or check_compile(compile)):
+        setting = "vectorize='vmap'" if vectorize == "vmap" else f"compile={compile!r}"
+        raise ValueError(
+            f"`checkpoint_inner_steps=True` cannot be combined with {setting}: checkpointed "
+            "tasks run one by one and uncompiled"
+        )
+    return checkpoint_inner_steps
+
+
 # compiled meta-gradient functions, per network and per setting that shapes the graph
 _COMPILED: weakref.WeakKeyDictionary[nn.Module, dict[tuple, Callable]] = weakref.WeakKeyDictionary()
 
 
 def _compiled_meta_loss(
+    key: tuple,
     mode: str,
     net: nn.Module,
-    loss_fn: LossFn,
-    inner_lr: float,
-    inner_steps: int,
-    algorithm: str,
+    task: TaskFn,
     vectorized: bool,
-    track_initial_loss: bool,
     params: dict[str, Tensor],
     constants: dict[str, Tensor],
     batch: tuple[Tensor, ...],
-) -> MetaLossOutput:
-    key = (
-        mode,
-        loss_fn,
-        inner_lr,
-        inner_steps,
-        algorithm,
-        vectorized,
-        track_initial_loss,
-        net.training,
-    )
+) -> tuple[Tensor, ...]:
+    """(loss, query_losses, predictions, initial) of ``task`` over the batch, with ``loss``
+    carrying the compiled meta-gradient. ``key`` holds every setting that shapes the graph."""
     compiled = _COMPILED.setdefault(net, {}).get(key)
     if compiled is None:
-
-        def task(*args: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-            return _task_meta_loss(
-                net, loss_fn, inner_lr, inner_steps, algorithm, track_initial_loss, False, *args
-            )
 
         def objective(
             p: dict[str, Tensor], c: dict[str, Tensor], *episode: Tensor
         ) -> tuple[Tensor, tuple[Tensor, ...]]:
-            losses, *rest = _run_tasks(task, vectorized, p, c, episode)
-            return losses.mean(), tuple(rest)
+            loss, *rest = _mean_loss(_run_tasks(task, vectorized, p, c, episode))
+            return loss, tuple(rest)
 
         # the whole meta-gradient (inner grads, adaptation, outer grad) is one forward graph for
         # the compiler; no backward runs through compiled code
@@ -568,23 +575,15 @@ def _compiled_meta_loss(
         _COMPILED[net][key] = compiled
     names = list(params)
     detached = {name: params[name].detach() for name in names}
-    grads, (loss, (query_losses, predictions, initial)) = compiled(detached, constants, *batch)
+    grads, (loss, rest) = compiled(detached, constants, *batch)
     if mode in ("reduce-overhead", "max-autotune"):
         # CUDA-graph outputs live in memory the next replay overwrites: keep copies
         grads = {name: g.clone() for name, g in grads.items()}
-        loss, query_losses, predictions, initial = (
-            t.clone() for t in (loss, query_losses, predictions, initial)
-        )
+        loss, rest = loss.clone(), tuple(t.clone() for t in rest)
     loss = _PrecomputedGradient.apply(
         loss, tuple(grads[name] for name in names), *(params[name] for name in names)
     )
-    return MetaLossOutput(
-        loss=loss,
-        query_losses=query_losses,
-        query_predictions=predictions,
-        initial_query_losses=initial if track_initial_loss else None,
-        vectorized=vectorized,
-    )
+    return (loss, *rest)
 
 
 def uses_vmap(net: nn.Module, algorithm: str, vectorize: str) -> bool:
@@ -682,12 +681,7 @@ def meta_loss(
     check_episode(support_x, support_y, query_x, query_y)
     compile_mode = check_compile(compile)
     params, constants = split_parameters(net, params)
-    if checkpoint_inner_steps and (vectorize == "vmap" or compile_mode):
-        setting = "vectorize='vmap'" if vectorize == "vmap" else "compile=True"
-        raise ValueError(
-            f"`checkpoint_inner_steps=True` cannot be combined with {setting}: checkpointed "
-            "tasks run one by one and uncompiled"
-        )
+    check_checkpointing(checkpoint_inner_steps, vectorize, compile_mode)
     # only where a graph through the inner loop would be kept
     checkpoint = (
         checkpoint_inner_steps
@@ -705,24 +699,17 @@ def meta_loss(
 
     batch = (support_x, support_y, query_x, query_y)
     with task_batch_norm(net):
+        outputs = None  # (loss, query_losses, predictions, initial)
         if compile_mode:
-            return _compiled_meta_loss(
-                compile_mode,
-                net,
-                loss_fn,
-                inner_lr,
-                inner_steps,
-                algorithm,
-                vectorized,
-                track_initial_loss,
-                params,
-                constants,
-                batch,
+            # every setting `task` closes over (checkpoint is off under compile)
+            key = (compile_mode, loss_fn, inner_lr, inner_steps, algorithm, vectorized)
+            key += (track_initial_loss, net.training)
+            outputs = _compiled_meta_loss(
+                key, compile_mode, net, task, vectorized, params, constants, batch
             )
-        outputs = None
-        if vectorized:
+        elif vectorized:
             try:
-                outputs = _run_tasks(task, True, params, constants, batch)
+                outputs = _mean_loss(_run_tasks(task, True, params, constants, batch))
             except RuntimeError as error:
                 if vectorize != "auto":
                     raise
@@ -734,10 +721,10 @@ def meta_loss(
                 )
                 vectorized = False
         if outputs is None:
-            outputs = _run_tasks(task, False, params, constants, batch)
-    losses, query_losses, predictions, initial = outputs
+            outputs = _mean_loss(_run_tasks(task, False, params, constants, batch))
+    loss, query_losses, predictions, initial = outputs
     return MetaLossOutput(
-        loss=losses.mean(),
+        loss=loss,
         query_losses=query_losses,
         query_predictions=predictions,
         initial_query_losses=initial if track_initial_loss else None,

@@ -16,6 +16,7 @@ from lightning_maml.functional import (
     ALGORITHMS,
     VECTORIZE_MODES,
     MetaLossOutput,
+    check_checkpointing,
     check_compile,
     check_inner_lr,
     check_inner_steps,
@@ -142,16 +143,9 @@ class MAMLModule(pl.LightningModule):
         self.optimizer = optimizer
         self.track_initial_loss = track_initial_loss
         self.compile_meta_gradient = check_compile(compile)
-        if not isinstance(checkpoint_inner_steps, bool):
-            raise TypeError(
-                f"`checkpoint_inner_steps` must be True or False, got {checkpoint_inner_steps!r}"
-            )
-        if checkpoint_inner_steps and (compile or vectorize == "vmap"):
-            raise ValueError(
-                "`checkpoint_inner_steps=True` cannot be combined with compile=True or "
-                f"vectorize='vmap' (got compile={compile!r}, vectorize={vectorize!r})"
-            )
-        self.checkpoint_inner_steps = checkpoint_inner_steps
+        self.checkpoint_inner_steps = check_checkpointing(
+            checkpoint_inner_steps, vectorize, compile
+        )
         self.classification = loss == "cross_entropy" if classification is None else classification
         ignore = ["net", "optimizer"] + ([] if isinstance(loss, str) else ["loss"])
         self.save_hyperparameters(ignore=ignore)
@@ -193,7 +187,7 @@ class MAMLModule(pl.LightningModule):
             vectorize=self.vectorize,
             params=params,
             track_initial_loss=self.track_initial_loss or not train,
-            compile=train and self.compile_meta_gradient or False,
+            compile=self.compile_meta_gradient if train else False,
             checkpoint_inner_steps=self.checkpoint_inner_steps and train,
         )
 
