@@ -1,8 +1,10 @@
 """Pure meta-gradient functions: the inner-loop update and the MAML-family meta-loss.
 
 Everything in this module is a function of a parameter dict. The network is only ever run through
-:func:`torch.func.functional_call`, so no module is copied or modified (apart from the temporary
-BatchNorm mode described in :func:`task_batch_norm`).
+:func:`torch.func.functional_call` (see :func:`forward`), so no module is copied or modified (apart
+from the temporary BatchNorm mode described in :func:`task_batch_norm`). Every call of the network
+runs under :func:`lightning_maml.normalization.exact_normalization`, whose normalisation arithmetic
+has exact second derivatives under :func:`torch.func.vmap` (torch's fused kernels do not).
 
 The inner-loop update is :func:`sgd_step`; it is the single definition used by the
 :class:`~lightning_maml.MAML` wrapper, :class:`~lightning_maml.MAMLModule`, the callbacks and the
@@ -27,14 +29,17 @@ import math
 import numbers
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from functools import partial
 from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
+
+from lightning_maml.normalization import exact_normalization
 
 __all__ = [
     "ALGORITHMS",
@@ -49,6 +54,7 @@ __all__ = [
     "check_inner_lr",
     "check_inner_steps",
     "cross_entropy_loss",
+    "forward",
     "meta_loss",
     "mse_loss",
     "resolve_loss",
@@ -65,15 +71,11 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 ALGORITHMS: tuple[str, ...] = ("maml", "fomaml", "reptile")
 VECTORIZE_MODES: tuple[str, ...] = ("auto", "vmap", "loop")
 
-# Normalisation layers whose second derivative torch computes wrongly under vmap (checked against
-# float64 finite differences with torch 2.13): second-order MAML runs them with the per-task loop.
-_VMAP_SECOND_ORDER_UNSAFE = (
-    nn.modules.batchnorm._BatchNorm,
-    nn.modules.instancenorm._InstanceNorm,
-    nn.LayerNorm,
+# vectorize="auto": per network, whether vmap agreed with the per-task loop, per setting that
+# changes which operations run (see _vmap_key); filled by the check on a setting's first batch
+_VMAP_DECISIONS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, bool]] = (
+    weakref.WeakKeyDictionary()
 )
-# Networks on which vmap raised once in "auto" mode; they use the loop from then on.
-_VMAP_FAILED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
 class MetaLossOutput(NamedTuple):
@@ -274,6 +276,34 @@ def split_parameters(
     return params, constants
 
 
+def forward(
+    net: nn.Module,
+    params: Mapping[str, Tensor],
+    constants: Mapping[str, Tensor],
+    x: Tensor,
+    vectorized: bool = False,
+) -> Tensor:
+    """``net(x)`` with ``params`` and ``constants`` standing in for its state: the one way the
+    engine runs a network. Normalisation layers run under
+    :func:`~lightning_maml.normalization.exact_normalization` (running statistics untouched;
+    ``vectorized=True``, for a call under vmap: computed by arithmetic with exact second
+    derivatives).
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Linear(2, 1)
+        >>> zero = {"weight": torch.zeros(1, 2), "bias": torch.ones(1)}
+        >>> forward(net, zero, {}, torch.randn(3, 2))
+        tensor([[1.],
+                [1.],
+                [1.]])
+    """
+    with exact_normalization(vectorized):
+        return functional_call(net, (dict(params), dict(constants)), (x,))
+
+
 @contextmanager
 def task_batch_norm(net: nn.Module) -> Iterator[None]:
     """Within the block, every BatchNorm layer of ``net`` normalises with the statistics of the
@@ -318,6 +348,7 @@ def adapt_parameters(
     inner_steps: int,
     first_order: bool = False,
     checkpoint: bool = False,
+    vectorized: bool = False,
 ) -> dict[str, Tensor]:
     """Run ``inner_steps`` of :func:`sgd_step` on one task's support set and return the adapted
     parameters.
@@ -333,6 +364,8 @@ def adapt_parameters(
     the forward work of the inner loop is done twice; gradients are the same up to float rounding.
     The result then supports ``.backward()`` only, not :func:`torch.autograd.grad`.
 
+    ``vectorized=True`` says the call runs under :func:`torch.func.vmap` (see :func:`forward`).
+
     Example::
 
         >>> import torch
@@ -346,9 +379,7 @@ def adapt_parameters(
     """
 
     def support_loss(p: dict[str, Tensor]) -> Tensor:
-        return _scalar_loss(
-            loss_fn, functional_call(net, (p, dict(constants)), (support_x,)), support_y
-        )
+        return _scalar_loss(loss_fn, forward(net, p, constants, support_x, vectorized), support_y)
 
     if first_order:
         start = {name: p.detach() for name, p in params.items()}
@@ -399,19 +430,17 @@ def support_gradients(
     params, constants = split_parameters(net, params)
     params = {k: v.detach() for k, v in params.items()}
 
-    def task(x: Tensor, y: Tensor) -> dict[str, Tensor]:
+    def task(vectorized: bool, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         def support_loss(p: dict[str, Tensor]) -> Tensor:
-            return _scalar_loss(loss_fn, functional_call(net, (p, constants), (x,)), y)
+            return _scalar_loss(loss_fn, forward(net, p, constants, x, vectorized), y)
 
         return torch.func.grad(support_loss)(params)
 
     with task_batch_norm(net), torch.enable_grad():
-        if net not in _VMAP_FAILED:
-            try:
-                return vmap(task, randomness="different")(support_x, support_y)
-            except RuntimeError:
-                _VMAP_FAILED.add(net)
-        per_task = [task(support_x[i], support_y[i]) for i in range(len(support_x))]
+        try:  # first derivatives only: no check needed, the loop below raises the user's errors
+            return vmap(partial(task, True), randomness="different")(support_x, support_y)
+        except Exception:  # noqa: BLE001
+            per_task = [task(False, support_x[i], support_y[i]) for i in range(len(support_x))]
     return {name: torch.stack([g[name] for g in per_task]) for name in params}
 
 
@@ -423,6 +452,7 @@ def _task_meta_loss(
     algorithm: str,
     track_initial_loss: bool,
     checkpoint: bool,
+    vectorized: bool,
     params: dict[str, Tensor],
     constants: dict[str, Tensor],
     support_x: Tensor,
@@ -430,20 +460,27 @@ def _task_meta_loss(
     query_x: Tensor,
     query_y: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    def forward(p: Mapping[str, Tensor], x: Tensor) -> Tensor:
-        return functional_call(net, (dict(p), constants), (x,))
-
     if track_initial_loss:
         with torch.no_grad():
-            initial = _scalar_loss(loss_fn, forward(params, query_x), query_y)
+            prediction = forward(net, params, constants, query_x, vectorized)
+            initial = _scalar_loss(loss_fn, prediction, query_y)
     else:
         initial = query_x.new_zeros(())
     if algorithm == "reptile":
         detached = {name: p.detach() for name, p in params.items()}
         adapted = adapt_parameters(
-            net, detached, constants, loss_fn, support_x, support_y, inner_lr, inner_steps, True
+            net,
+            detached,
+            constants,
+            loss_fn,
+            support_x,
+            support_y,
+            inner_lr,
+            inner_steps,
+            first_order=True,
+            vectorized=vectorized,
         )
-        prediction = forward(adapted, query_x)
+        prediction = forward(net, adapted, constants, query_x, vectorized)
         query_loss = _scalar_loss(loss_fn, prediction, query_y)
         # gradient of this surrogate w.r.t. params is (params - adapted)
         surrogate = sum((p * (p.detach() - adapted[name])).sum() for name, p in params.items())
@@ -459,8 +496,9 @@ def _task_meta_loss(
         inner_steps,
         first_order=algorithm == "fomaml",
         checkpoint=checkpoint,
+        vectorized=vectorized,
     )
-    prediction = forward(adapted, query_x)
+    prediction = forward(net, adapted, constants, query_x, vectorized)
     query_loss = _scalar_loss(loss_fn, prediction, query_y)
     return query_loss, query_loss.detach(), prediction.detach(), initial
 
@@ -474,12 +512,14 @@ def _run_tasks(
     params: Mapping[str, Tensor],
     constants: Mapping[str, Tensor],
     batch: tuple[Tensor, ...],
+    randomness: str = "different",
 ) -> tuple[Tensor, ...]:
     # (losses, query_losses, predictions, initial), each with a leading task dimension
     if vectorized:
-        batched = vmap(task, in_dims=(None, None, 0, 0, 0, 0), randomness="different")
+        batched = vmap(partial(task, True), in_dims=(None, None, 0, 0, 0, 0), randomness=randomness)
         return batched(params, constants, *batch)
-    per_task = [task(params, constants, *(t[i] for t in batch)) for i in range(len(batch[0]))]
+    n_tasks = len(batch[0])
+    per_task = [task(False, params, constants, *(t[i] for t in batch)) for i in range(n_tasks)]
     return tuple(torch.stack(parts) for parts in zip(*per_task))
 
 
@@ -490,18 +530,187 @@ def _mean_loss(outputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
 
 
 class _PrecomputedGradient(torch.autograd.Function):
-    """Returns ``value``; its backward hands each of ``params`` the matching tensor of ``grads``
+    """Returns ``value``; its backward hands each of ``inputs`` the matching tensor of ``grads``
     (times the incoming gradient), so a meta-gradient computed ahead (by a compiled
-    ``grad_and_value``) reaches ``.grad`` through ordinary autograd, hooks and DDP included."""
+    ``grad_and_value``, or task by task) reaches ``.grad`` through ordinary autograd, hooks and DDP
+    included. Differentiable once: ``create_graph=True`` through it raises."""
 
     @staticmethod
-    def forward(ctx, value: Tensor, grads: tuple[Tensor, ...], *params: Tensor) -> Tensor:
+    def forward(ctx, value: Tensor, grads: tuple[Tensor, ...], *inputs: Tensor) -> Tensor:
         ctx.grads = grads
         return value.clone()
 
     @staticmethod
     def backward(ctx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        if torch.is_grad_enabled():  # create_graph=True: the gradient would be a constant
+            raise RuntimeError(
+                "this meta-loss was differentiated ahead (compiled, or task by task on the loop "
+                "path) and supports one backward, not create_graph=True; for higher-order "
+                "gradients use vectorize='vmap' without compile"
+            )
         return (None, None, *(grad_output * g for g in ctx.grads))
+
+
+def _needs_graph(params: Mapping[str, Tensor], batch: Sequence[Tensor]) -> bool:
+    tensors = (*params.values(), *batch)
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _loop_meta_loss(
+    task: TaskFn,
+    params: Mapping[str, Tensor],
+    constants: Mapping[str, Tensor],
+    batch: tuple[Tensor, ...],
+) -> tuple[Tensor, ...]:
+    """The meta-loss task by task, each task's graph freed before the next task runs.
+
+    Each task's loss is backpropagated at once into leaf stand-ins for the parameters and batch
+    tensors that require grad, and the summed gradient reaches the real ones through the returned
+    loss's backward: peak memory is one task's graph, as in a per-task clone/adapt/backward loop.
+    """
+    if not _needs_graph(params, batch):
+        return _mean_loss(_run_tasks(task, False, params, constants, batch))
+    n_tasks = len(batch[0])
+    leaves = {name: p.detach().requires_grad_() for name, p in params.items() if p.requires_grad}
+    stand_in = {**params, **leaves}
+    batch_grads: list[list[Tensor]] = [[] for _ in batch]
+    per_task = []
+    for i in range(n_tasks):
+        items = [t[i].detach().requires_grad_() if t.requires_grad else t[i] for t in batch]
+        loss, *rest = task(False, stand_in, constants, *items)
+        if loss.requires_grad:
+            # .backward(), not autograd.grad: checkpointed inner steps support only this
+            (loss / n_tasks).backward()
+        per_task.append((loss.detach(), *rest))
+        for grads, item, t in zip(batch_grads, items, batch):
+            if t.requires_grad:
+                grads.append(item.grad if item.grad is not None else torch.zeros_like(item))
+    losses, *rest = (torch.stack(parts) for parts in zip(*per_task))
+    inputs = [params[name] for name in leaves] + [t for t in batch if t.requires_grad]
+    grads = [g.grad if g.grad is not None else torch.zeros_like(g) for g in leaves.values()]
+    grads += [torch.stack(g) for g, t in zip(batch_grads, batch) if t.requires_grad]
+    loss = _PrecomputedGradient.apply(losses.mean(), tuple(grads), *inputs)
+    return (loss, *rest)
+
+
+def _compute_dtype(params: Mapping[str, Tensor], x: Tensor) -> torch.dtype:
+    floating = [t.dtype for t in (*params.values(), x) if t.is_floating_point()]
+    return floating[0] if floating else torch.get_default_dtype()
+
+
+def _vmap_key(
+    net: nn.Module,
+    loss_fn: LossFn,
+    algorithm: str,
+    inner_steps: int,
+    params: Mapping[str, Tensor],
+    x: Tensor,
+) -> tuple:
+    # what decides which operations a meta-loss runs (a new loss closure of the same code runs
+    # the same ones)
+    loss_id = getattr(loss_fn, "__code__", None) or (
+        type(loss_fn) if isinstance(loss_fn, nn.Module) else loss_fn
+    )
+    grad = torch.is_grad_enabled() and any(p.requires_grad for p in params.values())
+    dtype = _compute_dtype(params, x)
+    return (algorithm, loss_id, inner_steps > 0, grad, net.training, dtype, x.device.type)
+
+
+def _rng_devices(tensors: Sequence[Tensor]) -> list[int]:
+    return sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
+
+
+def _vmap_error(
+    task: TaskFn,
+    params: Mapping[str, Tensor],
+    constants: Mapping[str, Tensor],
+    batch: tuple[Tensor, ...],
+) -> tuple[float, str]:
+    """How far the vmapped tasks are from the same tasks run one by one: the largest relative
+    difference (L2 norms) over query losses, predictions, initial losses and the meta-gradient,
+    with what it was measured on. Both runs draw the same random numbers (vmap with
+    ``randomness="same"``, the loop restarting every task from one RNG state), so dropout is
+    compared too. ``inf`` if vmap raises; if the loop raises too, its error propagates: a data
+    error is the user's, not vmap's."""
+    inputs = [p for p in params.values() if p.requires_grad] if torch.is_grad_enabled() else []
+    tensors = [*params.values(), *batch]
+    devices = _rng_devices(tensors)
+    n_tasks = len(batch[0])
+
+    def gradient(loss: Tensor) -> list[Tensor]:
+        if not inputs or not loss.requires_grad:
+            return []
+        grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+        return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, inputs)]
+
+    with torch.random.fork_rng(devices=devices):
+        cpu_state = torch.get_rng_state()
+        cuda_states = [torch.cuda.get_rng_state(d) for d in devices]
+
+        def restart_rng() -> None:
+            torch.set_rng_state(cpu_state)
+            for d, state in zip(devices, cuda_states):
+                torch.cuda.set_rng_state(state, d)
+
+        try:
+            losses, *vmapped = _run_tasks(task, True, params, constants, batch, "same")
+            vmapped.append(gradient(losses.mean()))
+        except Exception as error:  # noqa: BLE001 - decided below, by whether the loop runs
+            vmapped, vmap_failure = None, error
+        per_task, loop_grads = [], None
+        for i in range(n_tasks):
+            restart_rng()
+            loss, *rest = task(False, params, constants, *(t[i] for t in batch))
+            per_task.append(rest)
+            grads = gradient(loss / n_tasks)
+            loop_grads = grads if loop_grads is None else [a + b for a, b in zip(loop_grads, grads)]
+    if vmapped is None:
+        return math.inf, f"vmap raised {type(vmap_failure).__name__}: {vmap_failure}"
+    looped = [[torch.stack(parts)] for parts in zip(*per_task)] + [loop_grads or []]
+    vmapped = [[t] for t in vmapped[:-1]] + [vmapped[-1]]
+    worst, where = 0.0, "outputs"
+    names = ("query losses", "query predictions", "initial query losses", "meta-gradient")
+    for name, a, b in zip(names, vmapped, looped):
+        if not b:
+            continue
+        a = torch.cat([t.detach().flatten().double() for t in a])
+        b = torch.cat([t.detach().flatten().double() for t in b])
+        error = (
+            torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b).clamp_min(1e-300)
+        ).item()
+        if not error <= worst:  # NaN counts as the worst
+            worst, where = error, name
+    return worst, f"relative difference {worst:.2e} in the {where}"
+
+
+def _decide_vmap(
+    net: nn.Module,
+    key: tuple,
+    task: TaskFn,
+    params: Mapping[str, Tensor],
+    constants: Mapping[str, Tensor],
+    batch: tuple[Tensor, ...],
+) -> bool:
+    """vectorize="auto": vmap for this network and setting if it agreed with the per-task loop on
+    the first batch (checked once, see :func:`_vmap_error`); a disagreement warns once."""
+    decisions = _VMAP_DECISIONS.setdefault(net, {})
+    if key not in decisions:
+        error, detail = _vmap_error(task, params, constants, batch)
+        tolerance = math.sqrt(torch.finfo(_compute_dtype(params, batch[0])).eps)
+        decisions[key] = error <= tolerance
+        if not decisions[key]:
+            problem = (
+                f"failed on {type(net).__name__} ({detail})"
+                if math.isinf(error)
+                else f"does not reproduce the per-task computation on {type(net).__name__} "
+                f"({detail}, tolerance {tolerance:.1e})"
+            )
+            warnings.warn(
+                f"torch.func.vmap {problem}; running its tasks one by one for this setting. Pass "
+                f"vectorize='loop' to silence this, or vectorize='vmap' to use vmap regardless.",
+                stacklevel=3,
+            )
+    return decisions[key]
 
 
 COMPILE_MODES: tuple[str, ...] = (
@@ -587,25 +796,16 @@ def _compiled_meta_loss(
 
 
 def uses_vmap(net: nn.Module, algorithm: str, vectorize: str) -> bool:
-    """Whether :func:`meta_loss` runs the tasks of ``net`` under vmap for this algorithm and mode.
-
-    ``"auto"`` picks vmap unless the algorithm is second-order ``"maml"`` and the network holds a
-    BatchNorm, InstanceNorm or LayerNorm layer (torch's vmap gives wrong second derivatives for
-    those), or vmap already failed once on this network.
+    """Whether :func:`meta_loss` would run the tasks of ``net`` under vmap for this algorithm and
+    mode, as far as is known before a batch: ``"vmap"`` always, ``"loop"`` never, ``"auto"``
+    unless a first-batch check of this network and algorithm found vmap disagreeing with the
+    per-task loop (see :func:`meta_loss`).
     """
     if vectorize not in VECTORIZE_MODES:
         raise ValueError(f"`vectorize` must be one of {VECTORIZE_MODES}, got {vectorize!r}")
-    unsafe = algorithm == "maml" and any(
-        isinstance(m, _VMAP_SECOND_ORDER_UNSAFE) for m in net.modules()
-    )
-    if vectorize == "vmap" and unsafe:
-        raise ValueError(
-            "`vectorize='vmap'` is not allowed for second-order MAML on a network with BatchNorm, "
-            "InstanceNorm or LayerNorm layers: torch.func.vmap computes their second derivatives "
-            "wrongly. Use vectorize='auto' or 'loop'."
-        )
     if vectorize == "auto":
-        return not unsafe and net not in _VMAP_FAILED
+        decisions = _VMAP_DECISIONS.get(net, {})
+        return all(ok for key, ok in decisions.items() if key[0] == algorithm)
     return vectorize == "vmap"
 
 
@@ -690,16 +890,31 @@ def meta_loss(
         and torch.is_grad_enabled()
         and any(p.requires_grad for p in params.values())
     )
-    vectorized = not checkpoint and uses_vmap(net, algorithm, vectorize)
+    if vectorize not in VECTORIZE_MODES:
+        raise ValueError(f"`vectorize` must be one of {VECTORIZE_MODES}, got {vectorize!r}")
 
-    def task(*args: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def task(vectorized: bool, *args: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         return _task_meta_loss(
-            net, loss_fn, inner_lr, inner_steps, algorithm, track_initial_loss, checkpoint, *args
+            net,
+            loss_fn,
+            inner_lr,
+            inner_steps,
+            algorithm,
+            track_initial_loss,
+            checkpoint,
+            vectorized,
+            *args,
         )
 
     batch = (support_x, support_y, query_x, query_y)
     with task_batch_norm(net):
-        outputs = None  # (loss, query_losses, predictions, initial)
+        if checkpoint or vectorize == "loop":
+            vectorized = False
+        elif vectorize == "vmap":
+            vectorized = True
+        else:
+            key = _vmap_key(net, loss_fn, algorithm, inner_steps, params, support_x)
+            vectorized = _decide_vmap(net, key, task, params, constants, batch)
         if compile_mode:
             # every setting `task` closes over (checkpoint is off under compile)
             key = (compile_mode, loss_fn, inner_lr, inner_steps, algorithm, vectorized)
@@ -710,18 +925,21 @@ def meta_loss(
         elif vectorized:
             try:
                 outputs = _mean_loss(_run_tasks(task, True, params, constants, batch))
-            except RuntimeError as error:
+            except Exception as error:
                 if vectorize != "auto":
                     raise
-                _VMAP_FAILED.add(net)
+                # the loop tells a data error (raised from it, nothing remembered) from one vmap
+                # cannot run, which sends this setting to the loop from now on
+                outputs = _loop_meta_loss(task, params, constants, batch)
+                _VMAP_DECISIONS[net][key] = vectorized = False
                 warnings.warn(
-                    f"torch.func.vmap failed on {type(net).__name__} ({error}); running its tasks "
-                    f"one by one from now on. Pass vectorize='loop' to silence this.",
+                    f"torch.func.vmap failed on {type(net).__name__} ({type(error).__name__}: "
+                    f"{error}); running its tasks one by one for this setting. Pass "
+                    f"vectorize='loop' to silence this.",
                     stacklevel=2,
                 )
-                vectorized = False
-        if outputs is None:
-            outputs = _mean_loss(_run_tasks(task, False, params, constants, batch))
+        else:
+            outputs = _loop_meta_loss(task, params, constants, batch)
     loss, query_losses, predictions, initial = outputs
     return MetaLossOutput(
         loss=loss,

@@ -1,6 +1,7 @@
 """The meta-gradient engine vs hand-derived values, finite differences and unrolled autograd."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from tasks import image_tasks, regression_tasks, small_conv_net, tanh_mlp
 from torch import nn
 from torch.func import functional_call
 
+from lightning_maml import functional
 from lightning_maml.functional import (
     adapt_parameters,
     check_compile,
@@ -122,7 +124,7 @@ def test_compiled_meta_gradient_matches_float64_finite_differences():
 def test_compiled_meta_loss_equals_eager(network, algorithm, mode):
     if network == "mlp":
         net = tanh_mlp().double()
-    else:  # second order with BatchNorm: the per-task loop, compiled
+    else:  # second order through BatchNorm: vmapped with exact normalisation, compiled
         net = nn.Sequential(nn.Linear(1, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 1))
         net = net.double()
     tasks = regression_tasks()
@@ -136,7 +138,7 @@ def test_compiled_meta_loss_equals_eager(network, algorithm, mode):
         out.loss.backward()
         results.append((out, [p.grad.clone() for p in net.parameters()]))
     (eager, eager_grads), (compiled, compiled_grads) = results
-    assert compiled.vectorized == eager.vectorized == (network == "mlp")
+    assert compiled.vectorized and eager.vectorized
     for a, b in zip(compiled_grads, eager_grads):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     for name in ("query_losses", "query_predictions", "initial_query_losses"):
@@ -253,24 +255,6 @@ def _bn_net():
     return nn.Sequential(nn.Linear(1, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 1)).double()
 
 
-def test_batchnorm_second_order_uses_loop_and_matches_finite_differences():
-    net = _bn_net()
-    net[1].running_mean.fill_(3.0)  # would be visible in the output if running stats were used
-    tasks = regression_tasks()
-    assert not uses_vmap(net, "maml", "auto")
-    assert uses_vmap(net, "fomaml", "auto")
-    params = {k: v.detach().clone().requires_grad_() for k, v in net.named_parameters()}
-    out = meta_loss(net, "mse", *tasks, inner_lr=0.2, inner_steps=2, params=params)
-    assert not out.vectorized
-    grads = dict(zip(params, torch.autograd.grad(out.loss, list(params.values()))))
-
-    def objective(p):
-        with torch.enable_grad():
-            return meta_loss(net, "mse", *tasks, inner_lr=0.2, inner_steps=2, params=p).loss
-
-    assert max_abs_difference(grads, finite_difference_gradient(objective, params)) < 1e-7
-
-
 def _backward_gradients(net, **kwargs):
     net.zero_grad()
     out = meta_loss(net, "mse", *regression_tasks(), inner_lr=0.2, **kwargs)
@@ -350,11 +334,6 @@ def test_batchnorm_uses_task_statistics_and_does_not_touch_running_stats():
     fresh[1].track_running_stats = False
     expected = torch.stack([mse_loss(fresh(tasks[2][t]), tasks[3][t]) for t in range(3)])
     torch.testing.assert_close(out.query_losses, expected.detach())
-
-
-def test_forcing_vmap_on_batchnorm_second_order_is_refused():
-    with pytest.raises(ValueError, match="vectorize='vmap'.*BatchNorm"):
-        meta_loss(_bn_net(), "mse", *regression_tasks(), inner_lr=0.1, vectorize="vmap")
 
 
 def test_auto_falls_back_to_loop_when_vmap_fails():
@@ -460,3 +439,152 @@ def test_unknown_algorithm_and_vectorize_are_refused():
         meta_loss(nn.Linear(1, 1), "mse", *_good(), inner_lr=0.1, vectorize="yes")
     with pytest.raises(ValueError, match="`loss` must be one of"):
         meta_loss(nn.Linear(1, 1), "l1", *_good(), inner_lr=0.1)
+
+
+class _Center(torch.autograd.Function):
+    """``x - x.mean()``, whose batching rule is planted (``correct_rule=False``: the mean over every
+    task instead of each task's own, the kind of bug no list of layers can name)."""
+
+    correct_rule = False
+
+    @staticmethod
+    def forward(x):
+        return x - x.mean()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _Center.apply(grad)
+
+    @staticmethod
+    def vmap(info, in_dims, x):
+        (dim,) = in_dims
+        if _Center.correct_rule:
+            dims = [d for d in range(x.dim()) if d != dim]
+            return x - x.mean(dims, keepdim=True), dim
+        return x - x.mean(), dim
+
+
+class _CenteredNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(1, 8), nn.Linear(8, 1)
+
+    def forward(self, x):
+        return self.b(torch.tanh(_Center.apply(self.a(x))))
+
+
+@pytest.mark.parametrize("correct_rule", [False, True])
+def test_auto_checks_vmap_against_the_loop_once_and_catches_a_wrong_batching_rule(
+    monkeypatch, correct_rule
+):
+    monkeypatch.setattr(_Center, "correct_rule", correct_rule)
+    net, tasks = _CenteredNet().double(), regression_tasks()
+    loop = meta_loss(net, "mse", *tasks, inner_lr=0.1, vectorize="loop")
+    forced = meta_loss(net, "mse", *tasks, inner_lr=0.1, vectorize="vmap")
+    assert (forced.query_losses - loop.query_losses).abs().max() > 1e-3 or correct_rule
+    checks = []
+    original = functional._vmap_error
+    monkeypatch.setattr(functional, "_vmap_error", lambda *a: checks.append(1) or original(*a))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = meta_loss(net, "mse", *tasks, inner_lr=0.1)
+        second = meta_loss(net, "mse", *tasks, inner_lr=0.1)
+    assert len(checks) == 1  # the first batch of this network and setting only
+    assert first.vectorized == second.vectorized == correct_rule
+    messages = [str(w.message) for w in caught]
+    if correct_rule:
+        assert messages == []
+    else:
+        assert len(messages) == 1 and "does not reproduce the per-task computation" in messages[0]
+        assert "_CenteredNet" in messages[0] and "vectorize='loop'" in messages[0]
+        assert not uses_vmap(net, "maml", "auto")
+    torch.testing.assert_close(first.query_losses, loop.query_losses, rtol=1e-10, atol=1e-12)
+
+
+def test_the_check_compares_dropout_networks_under_one_rng_state():
+    net = nn.Sequential(nn.Linear(1, 16), nn.Tanh(), nn.Dropout(0.5), nn.Linear(16, 1)).double()
+    state = torch.get_rng_state()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a disagreement would warn
+        out = meta_loss(net, "mse", *regression_tasks(), inner_lr=0.1, inner_steps=2)
+    assert out.vectorized
+    # the check forks the RNG: the run draws what it would have drawn without it
+    torch.set_rng_state(state)
+    again = meta_loss(net, "mse", *regression_tasks(), inner_lr=0.1, inner_steps=2)
+    torch.testing.assert_close(again.query_losses, out.query_losses, rtol=0, atol=0)
+
+
+def test_a_data_error_raises_and_leaves_vmap_on():
+    net = small_conv_net(classes=3)
+    sx, sy, qx, qy = image_tasks(dtype=torch.float32)
+    with pytest.raises(IndexError, match="out of bounds"):
+        meta_loss(net, "cross_entropy", sx, sy, qx, qy + 5, inner_lr=0.1)
+    with pytest.raises(RuntimeError, match="type \\(double\\)"):
+        meta_loss(net, "cross_entropy", sx.double(), sy, qx.double(), qy, inner_lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = meta_loss(net, "cross_entropy", sx, sy, qx, qy, inner_lr=0.1)
+    assert out.vectorized and uses_vmap(net, "maml", "auto")
+    with pytest.raises(IndexError, match="out of bounds"):  # after the check too
+        meta_loss(net, "cross_entropy", sx, sy, qx, qy + 5, inner_lr=0.1)
+    assert meta_loss(net, "cross_entropy", sx, sy, qx, qy, inner_lr=0.1).vectorized
+
+
+def _event_log_loss(events, query_size):
+    """MSE that logs each query-set forward and the backward through it."""
+
+    def loss(prediction, target):
+        if prediction.shape[0] == query_size and prediction.requires_grad:
+            task = sum(e == "forward" for e in events)
+            events.append("forward")
+            prediction.register_hook(lambda g: events.append(f"backward {task}"))
+        return F.mse_loss(prediction, target)
+
+    return loss
+
+
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_loop_path_frees_each_task_graph_before_the_next_task(checkpoint):
+    net, tasks = tanh_mlp().double(), regression_tasks(n_tasks=3, k=5, q=6)
+    events = []
+    kwargs = dict(inner_lr=0.2, inner_steps=2, checkpoint_inner_steps=checkpoint)
+    out = meta_loss(net, _event_log_loss(events, 6), *tasks, vectorize="loop", **kwargs)
+    # each task's backward runs before the next task's forward: one task's graph at a time
+    assert events == ["forward", "backward 0", "forward", "backward 1", "forward", "backward 2"]
+    out.loss.backward()
+    grads = [p.grad.clone() for p in net.parameters()]
+    params = dict(net.named_parameters())
+    expected = torch.autograd.grad(
+        unrolled_meta_loss(net, params, mse_loss, tasks, lr=0.2, steps=2), list(params.values())
+    )
+    for a, b in zip(grads, expected):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_loop_path_passes_the_meta_gradient_to_inputs_that_require_grad():
+    encoder = nn.Linear(1, 1).double()
+    net = tanh_mlp().double()
+    sx, sy, qx, qy = regression_tasks()
+    results = []
+    for mode in ("loop", "vmap"):
+        encoder.zero_grad()
+        net.zero_grad()
+        out = meta_loss(net, "mse", encoder(sx), sy, encoder(qx), qy, inner_lr=0.2, vectorize=mode)
+        out.loss.backward()
+        results.append([p.grad.clone() for p in (*encoder.parameters(), *net.parameters())])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert results[0][0].abs().sum() > 0
+
+
+def test_loop_path_loss_refuses_a_second_derivative():
+    net = tanh_mlp().double()
+    out = meta_loss(net, "mse", *regression_tasks(), inner_lr=0.2, vectorize="loop")
+    with pytest.raises(RuntimeError, match="supports one backward, not create_graph=True"):
+        torch.autograd.grad(out.loss, [net[0].weight], create_graph=True)
+    (g,) = torch.autograd.grad(out.loss, [net[0].weight])  # one backward is fine
+    assert g.shape == net[0].weight.shape
