@@ -1,11 +1,15 @@
 """EEGNet: output shape and parameter count from the paper's formula; second-order MAML on it."""
 
+import warnings
+
 import pytest
 import torch
 from reference import finite_difference_gradient, max_abs_difference
+from torch import nn
 
 from lightning_maml.functional import meta_loss
 from lightning_maml.models import EEGNet
+from lightning_maml.models.eegnet import SameLengthConv2d
 
 
 def test_output_shape_and_parameter_count_match_the_paper_formula():
@@ -59,6 +63,25 @@ def test_second_order_maml_on_eegnet_matches_finite_differences():
             ).loss
 
     assert max_abs_difference(grads, finite_difference_gradient(objective, params)) < 1e-7
+
+
+@pytest.mark.parametrize("kernel", [64, 16, 125, 1])
+def test_same_length_convolution_is_torch_same_padding_without_its_warning(kernel):
+    reference = nn.Conv2d(4, 4, (1, kernel), padding="same", groups=4, bias=False).double()
+    conv = SameLengthConv2d(4, 4, kernel, groups=4, bias=False).double()
+    conv.load_state_dict(reference.state_dict())
+    x = torch.randn(3, 4, 5, 200, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = conv(x)
+    torch.testing.assert_close(y, reference(x), rtol=0, atol=1e-12)
+
+
+def test_eegnet_forward_warns_nothing():
+    net = EEGNet(22, 256, 4, sampling_rate=128)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        net(torch.randn(2, 22, 256))
 
 
 def test_bad_arguments_are_refused():
