@@ -46,10 +46,12 @@ class MAMLModule(pl.LightningModule):
     Each training step adapts a copy of the parameters to every task of the batch on its support
     set (``inner_steps`` SGD steps of size ``inner_lr``), evaluates the query set, and
     backpropagates the mean query loss through the adaptation (second order) into the
-    meta-update. Tasks are vectorised with ``torch.func.vmap`` where the network allows it (see
-    :func:`lightning_maml.functional.uses_vmap`). Validation and test adapt on each task's support
-    set too (with ``eval_inner_steps``), under any ``Trainer``: the module enables gradients for the
-    inner loop itself. BatchNorm layers normalise with each task's own statistics.
+    meta-update. Tasks are vectorised with ``torch.func.vmap`` where that is exact and pays off, and
+    otherwise run one by one, one task's graph at a time (see ``vectorize``). Validation and test
+    adapt on each task's support set too (with ``eval_inner_steps``), under any ``Trainer``: the
+    module enables gradients for the inner loop itself. BatchNorm layers normalise with each task's
+    own statistics; normalisation layers are exact under vmap
+    (:mod:`lightning_maml.normalization`).
 
     Batches are :class:`~lightning_maml.Episode` s (or 4-tuples / mappings with the same fields)
     with a leading task dimension.
@@ -71,7 +73,10 @@ class MAMLModule(pl.LightningModule):
             Adam where the parameters' device and dtype have one).
         optimizer: a callable ``params -> Optimizer`` replacing the default (in a LightningCLI
             config: ``class_path`` and ``init_args``).
-        vectorize: ``"auto"`` (default), ``"vmap"`` or ``"loop"``.
+        vectorize: ``"auto"`` (default): vmap, except for convolution networks on a CPU without
+            ``compile`` (slower under vmap there), checked against the per-task loop on the first
+            batch of each setting; ``"vmap"`` or ``"loop"`` to choose (see
+            :func:`lightning_maml.functional.meta_loss`).
         classification: log query accuracy; default: ``loss == "cross_entropy"``.
         track_initial_loss: compute the query loss before adaptation in training (one forward pass
             per task); validation and test always do.

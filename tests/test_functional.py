@@ -519,11 +519,11 @@ def test_the_check_compares_dropout_networks_under_one_rng_state():
 
 
 def test_a_data_error_raises_and_leaves_vmap_on():
-    net = small_conv_net(classes=3)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(36, 8), nn.Tanh(), nn.Linear(8, 3))
     sx, sy, qx, qy = image_tasks(dtype=torch.float32)
     with pytest.raises(IndexError, match="out of bounds"):
         meta_loss(net, "cross_entropy", sx, sy, qx, qy + 5, inner_lr=0.1)
-    with pytest.raises(RuntimeError, match="type \\(double\\)"):
+    with pytest.raises(RuntimeError, match="same dtype"):
         meta_loss(net, "cross_entropy", sx.double(), sy, qx.double(), qy, inner_lr=0.1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -588,3 +588,13 @@ def test_loop_path_loss_refuses_a_second_derivative():
         torch.autograd.grad(out.loss, [net[0].weight], create_graph=True)
     (g,) = torch.autograd.grad(out.loss, [net[0].weight])  # one backward is fine
     assert g.shape == net[0].weight.shape
+
+
+def test_auto_runs_convolution_networks_task_by_task_on_the_cpu():
+    net = small_conv_net()
+    out = meta_loss(net.double(), "cross_entropy", *image_tasks(), inner_lr=0.1)
+    assert not out.vectorized and not uses_vmap(net, "maml", "auto")
+    assert uses_vmap(net, "maml", "vmap")
+    assert meta_loss(
+        net, "cross_entropy", *image_tasks(), inner_lr=0.1, vectorize="vmap"
+    ).vectorized

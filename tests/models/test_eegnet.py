@@ -51,7 +51,16 @@ def test_second_order_maml_on_eegnet_matches_finite_differences():
     sy = qy = torch.tensor([[0, 1, 0, 1]] * 2)
     params = {k: v.detach().clone().requires_grad_() for k, v in net.named_parameters()}
     out = meta_loss(
-        net, "cross_entropy", sx, sy, qx, qy, inner_lr=0.5, inner_steps=2, params=params
+        net,
+        "cross_entropy",
+        sx,
+        sy,
+        qx,
+        qy,
+        inner_lr=0.5,
+        inner_steps=2,
+        params=params,
+        vectorize="vmap",
     )
     assert out.vectorized  # BatchNorm under vmap, with exact normalisation
     grads = dict(zip(params, torch.autograd.grad(out.loss, list(params.values()))))
