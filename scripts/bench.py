@@ -3,10 +3,13 @@
 For each workload, one meta-iteration is: zero grads, meta-gradient of a batch of tasks, Adam step.
 Variants, all on the same batch and checked to give the same gradient (to 1e-5) before timing:
 
-- ``wrapper loop``: the learn2learn-style per-task loop with ``lightning_maml.MAML`` (clone, adapt,
-  query loss, backward, one task after another) -- the baseline of the ratio column;
+- ``autograd loop``: learn2learn's algorithm in plain autograd, written here from its description
+  -- per task, the parameters cloned as non-leaf tensors, ``torch.autograd.grad(...,
+  create_graph=True)`` for each inner step, the query loss's ``.backward()`` before the next task
+  -- the baseline of the ratio column;
+- ``wrapper loop``: the same loop through ``lightning_maml.MAML`` (clone, adapt, backward);
 - ``engine loop`` / ``engine vmap``: ``lightning_maml.functional.meta_loss`` with the tasks in a
-  Python loop / under ``torch.func.vmap``;
+  Python loop (each task's gradient taken before the next runs) / under ``torch.func.vmap``;
 - ``engine compiled``: the same with ``compile=True`` (``torch.compile`` of the whole
   meta-gradient; compile time is spent in the untimed first call);
 - ``Trainer.fit`` / ``Trainer.fit compiled``: ``MAMLModule`` (``compile=False`` / ``True``)
@@ -19,15 +22,16 @@ Compiled variants run on the workloads named by ``--compile`` (default: the sinu
 compiles take minutes on a CPU).
 
 Reported: median seconds per meta-iteration (after warm-up), iterations per second, peak memory of
-one iteration and the speed ratio to the wrapper loop measured in the same run. Peak memory is
+one iteration and the speed ratio to the autograd loop measured in the same run. Peak memory is
 ``max_memory_allocated`` on CUDA; on the CPU it is the rise of the process's resident-memory high
 water mark (``VmHWM``, reset through ``/proc/self/clear_refs``) over one iteration, so it includes
 the allocator's behaviour and reads near 0 when an iteration's tensors fit in memory the process
 already holds. It is measured after all timings, in a child process started with glibc's mmap
 threshold fixed (``MALLOC_MMAP_THRESHOLD_``) so that large freed blocks go back to the system; that
 setting slows large allocations, so no timing runs under it. A second table gives EEGNet's time
-and peak memory of one meta-gradient against the number of inner steps, without and with
-``checkpoint_inner_steps`` (time in this process, memory in the child).
+and peak memory of one second-order meta-gradient against the number of inner steps for the
+autograd loop, the engine's loop, its vmap path and its loop with ``checkpoint_inner_steps`` (time
+in this process, memory in the child).
 
     python scripts/bench.py [--device cuda] [--iterations 20] [--json outputs/bench.json]
 """
@@ -51,12 +55,13 @@ import lightning.pytorch as pl
 import torch
 from benchtools import median, print_table, rss_peak_rise_mib, time_call, write_json
 from torch import Tensor, nn
+from torch.func import functional_call
 from torch.utils.data import DataLoader
 
 from lightning_maml import MAML, Episode, MAMLModule
 from lightning_maml.datamodules import SinusoidDataModule, sample_sinusoid_tasks
 from lightning_maml.datamodules.sinusoid import TaskSet
-from lightning_maml.functional import COMPILE_MODES, meta_loss, resolve_loss, uses_vmap
+from lightning_maml.functional import COMPILE_MODES, meta_loss, resolve_loss, task_batch_norm
 from lightning_maml.models import MLP
 from lightning_maml.models.eegnet import EEGNet
 
@@ -88,9 +93,10 @@ def sinusoid_workload(steps: int, algorithm: str) -> Workload:
 
 
 def eegnet_batch(n_tasks: int = 4, n_way: int = 4, shots: int = 5, query: int = 5) -> Episode:
+    # 22 channels x 256 samples (2 s at 128 Hz), as BNCI2014_001 resampled to 128 Hz
     g = torch.Generator().manual_seed(0)
-    sx = torch.randn(n_tasks, n_way * shots, 22, 500, generator=g)
-    qx = torch.randn(n_tasks, n_way * query, 22, 500, generator=g)
+    sx = torch.randn(n_tasks, n_way * shots, 22, 256, generator=g)
+    qx = torch.randn(n_tasks, n_way * query, 22, 256, generator=g)
     sy = torch.arange(n_way).repeat_interleave(shots).expand(n_tasks, -1).contiguous()
     qy = torch.arange(n_way).repeat_interleave(query).expand(n_tasks, -1).contiguous()
     return Episode(sx, sy, qx, qy)
@@ -99,8 +105,8 @@ def eegnet_batch(n_tasks: int = 4, n_way: int = 4, shots: int = 5, query: int = 
 def eegnet_workload(steps: int) -> Workload:
     batch = eegnet_batch()
     return Workload(
-        f"EEGNet 22x500, 4-way 5+5, 4 tasks, {steps} step{'s' * (steps > 1)}, maml",
-        lambda: EEGNet(22, 500, 4, sampling_rate=250, dropout=0.0),
+        f"EEGNet 22x256, 4-way 5+5, 4 tasks, {steps} step{'s' * (steps > 1)}, maml",
+        lambda: EEGNet(22, 256, 4, sampling_rate=128, dropout=0.0),
         "cross_entropy",
         batch,
         steps,
@@ -109,6 +115,25 @@ def eegnet_workload(steps: int) -> Workload:
         warmup=1,
         fit_steps=20,
     )
+
+
+def autograd_loop_meta_gradient(net: nn.Module, w: Workload, batch: Episode) -> None:
+    """learn2learn's per-task algorithm in plain autograd (no code of this library but the loss
+    and the BatchNorm task mode, which learn2learn users get from their network's train mode)."""
+    loss_fn = resolve_loss(w.loss)
+    first_order = w.algorithm == "fomaml"
+    n_tasks = batch.support_x.shape[0]
+    with task_batch_norm(net):
+        for t in range(n_tasks):
+            fast = {name: p.clone() for name, p in net.named_parameters()}
+            for _ in range(w.inner_steps):
+                loss = loss_fn(
+                    functional_call(net, fast, (batch.support_x[t],)), batch.support_y[t]
+                )
+                grads = torch.autograd.grad(loss, list(fast.values()), create_graph=not first_order)
+                fast = {name: p - 0.01 * g for (name, p), g in zip(fast.items(), grads)}
+            query = functional_call(net, fast, (batch.query_x[t],))
+            (loss_fn(query, batch.query_y[t]) / n_tasks).backward()
 
 
 def wrapper_meta_gradient(net: nn.Module, w: Workload, batch: Episode) -> None:
@@ -207,27 +232,23 @@ def time_trainer_fit(
 
 def make_variants(
     w: Workload, device: str, compile: bool | str, check: bool = True
-) -> tuple[dict[str, Callable[[], None]], str]:
+) -> dict[str, Callable[[], None]]:
     """One meta-iteration (zero grads, meta-gradient, Adam step) per variant, all on one network
-    and batch and (``check``) checked to give the wrapper loop's gradient; and a note on the vmap
-    variant."""
+    and batch and (``check``) checked to give the autograd loop's gradient."""
     torch.manual_seed(0)
     net = w.make_net().to(device)
     batch = Episode(*(t.to(device) for t in w.batch))
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
     steps: dict[str, Callable[[], None]] = {
+        "autograd loop": lambda: autograd_loop_meta_gradient(net, w, batch),
         "wrapper loop": lambda: wrapper_meta_gradient(net, w, batch),
         "engine loop": lambda: engine_meta_gradient(net, w, batch, "loop"),
+        "engine vmap": lambda: engine_meta_gradient(net, w, batch, "vmap"),
     }
-    vmap_note = ""
-    if uses_vmap(net, w.algorithm, "auto"):
-        steps["engine vmap"] = lambda: engine_meta_gradient(net, w, batch, "vmap")
-    else:
-        vmap_note = "vmap refused (BatchNorm, second order): auto runs the loop"
     if compile:
         steps["engine compiled"] = lambda: engine_meta_gradient(net, w, batch, "auto", compile)
     if check:
-        reference = gradients(net, steps["wrapper loop"])
+        reference = gradients(net, steps["autograd loop"])
         for name, step in steps.items():  # compiled variants compile here
             for a, b in zip(reference, gradients(net, step)):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"{w.name}: {name}")
@@ -239,12 +260,12 @@ def make_variants(
         if device == "cuda":
             torch.cuda.synchronize()
 
-    return {name: partial(iteration, step) for name, step in steps.items()}, vmap_note
+    return {name: partial(iteration, step) for name, step in steps.items()}
 
 
 def bench_workload(w: Workload, iterations: int, device: str, compile: bool | str) -> list[dict]:
     """Timed rows of one workload (peak memory is filled in later)."""
-    variants, vmap_note = make_variants(w, device, compile)
+    variants = make_variants(w, device, compile)
     rows = []
     for name, iteration in variants.items():
         seconds = median(time_call(iteration, warmup=w.warmup, iterations=iterations))
@@ -261,7 +282,6 @@ def bench_workload(w: Workload, iterations: int, device: str, compile: bool | st
     for row in rows:
         row["it_per_s"] = 1 / row["s_per_it"]
         row["speedup"] = base / row["s_per_it"]
-        row["note"] = vmap_note if row["variant"] == "engine loop" else ""
         row["peak_mib"] = math.nan
     return rows
 
@@ -269,7 +289,7 @@ def bench_workload(w: Workload, iterations: int, device: str, compile: bool | st
 def variant_peaks(w: Workload, device: str, compile: bool | str) -> dict[str, float]:
     """Peak memory of one meta-iteration of each variant, after an untimed first one (which
     compiles the compiled variants)."""
-    variants, _ = make_variants(w, device, compile, check=False)
+    variants = make_variants(w, device, compile, check=False)
     peaks = {}
     for name, iteration in variants.items():
         iteration()
@@ -277,33 +297,42 @@ def variant_peaks(w: Workload, device: str, compile: bool | str) -> dict[str, fl
     return peaks
 
 
+INNER_STEP_VARIANTS = ("autograd loop", "engine loop", "engine vmap", "engine checkpoint")
+
+
 def memory_table(device: str, steps_list: list[int], measure: str) -> list[dict]:
-    """EEGNet second-order meta-gradient against the number of inner steps, without and with
-    ``checkpoint_inner_steps``: seconds of one call (``measure="time"``, gradients checked equal)
-    or its peak memory (``"memory"``)."""
+    """EEGNet second-order meta-gradient against the number of inner steps: the autograd loop,
+    the engine's loop and vmap paths and its loop with ``checkpoint_inner_steps``; seconds of one
+    call (``measure="time"``, gradients checked equal) or its peak memory (``"memory"``)."""
     rows = []
     batch = Episode(*(t.to(device) for t in eegnet_batch()))
     for steps in steps_list:
         row: dict = {"inner_steps": steps}
         grads = {}
-        for checkpoint in (False, True):
+        for variant in INNER_STEP_VARIANTS:
             torch.manual_seed(0)
-            net = EEGNet(22, 500, 4, sampling_rate=250, dropout=0.0).to(device)
+            net = EEGNet(22, 256, 4, sampling_rate=128, dropout=0.0).to(device)
             w = Workload("", lambda net=net: net, "cross_entropy", batch, steps, "maml", list)
-            call = partial(engine_meta_gradient, net, w, batch, "auto", False, checkpoint)
-            suffix = "_checkpoint" if checkpoint else ""
+            if variant == "autograd loop":
+                call = partial(autograd_loop_meta_gradient, net, w, batch)
+            else:
+                mode = "vmap" if variant == "engine vmap" else "loop"
+                checkpoint = variant == "engine checkpoint"
+                call = partial(engine_meta_gradient, net, w, batch, mode, False, checkpoint)
             if measure == "memory":
-                row["peak_mib" + suffix] = peak_memory_mib(call, device)
+                row[f"{variant} MiB"] = peak_memory_mib(call, device)
                 continue
+            call()  # warm-up
+            net.zero_grad()
             start = time.perf_counter()
             call()
             if device == "cuda":
                 torch.cuda.synchronize()
-            row["s" + suffix] = time.perf_counter() - start
-            grads[checkpoint] = [p.grad for p in net.parameters()]
-        if measure == "time":
-            for a, b in zip(grads[False], grads[True]):
-                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"checkpoint {steps}")
+            row[f"{variant} s"] = time.perf_counter() - start
+            grads[variant] = [p.grad for p in net.parameters()]
+        for variant in grads:
+            for a, b in zip(grads["autograd loop"], grads[variant]):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"{variant} {steps}")
         rows.append(row)
         print(f"done: inner steps {steps} ({measure})", flush=True)
     return rows
@@ -358,7 +387,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--memory-steps",
-        default="1,5,10,20",
+        default="1,5,20",
         help="EEGNet inner steps for the memory table ('' to skip)",
     )
     parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
@@ -390,8 +419,6 @@ def main() -> None:
         row["peak_mib"] = measured["peaks"].get(f"{row['workload']} | {row['variant']}", math.nan)
     for row, peaks in zip(memory, measured["table"]):
         row.update(peaks)
-        row["memory_ratio"] = row["peak_mib_checkpoint"] / row["peak_mib"]
-        row["time_ratio"] = row["s_checkpoint"] / row["s"]
     print(
         f"\nmeta-iteration (grads + Adam step), device {args.device}, "
         f"{torch.get_num_threads()} threads, median of {args.iterations}\n"
@@ -404,27 +431,18 @@ def main() -> None:
             ("s_per_it", "s/it", ".4f"),
             ("it_per_s", "it/s", ".1f"),
             ("peak_mib", "peak MiB", ".1f"),
-            ("speedup", "vs wrapper loop", ".1f"),
-            ("note", "note", "s"),
+            ("speedup", "vs autograd loop", ".2f"),
         ],
     )
     if memory:
         print(
-            "\nEEGNet second-order MAML (4 tasks), one meta-gradient vs inner steps, "
-            "without and with checkpoint_inner_steps (gradients checked equal to 1e-5)\n"
+            "\nEEGNet second-order MAML (4 tasks), one meta-gradient vs inner steps: peak MiB "
+            "and seconds of one call (gradients checked equal to 1e-5)\n"
         )
-        print_table(
-            memory,
-            [
-                ("inner_steps", "inner steps", "d"),
-                ("peak_mib", "peak MiB", ".1f"),
-                ("s", "s", ".2f"),
-                ("peak_mib_checkpoint", "peak MiB, checkpoint", ".1f"),
-                ("s_checkpoint", "s, checkpoint", ".2f"),
-                ("memory_ratio", "memory ratio", ".2f"),
-                ("time_ratio", "time ratio", ".2f"),
-            ],
-        )
+        columns = [("inner_steps", "inner steps", "d")]
+        for variant in INNER_STEP_VARIANTS:
+            columns += [(f"{variant} MiB", f"{variant} MiB", ".1f"), (f"{variant} s", "s", ".2f")]
+        print_table(memory, columns)
     print(f"\nbench wall time {time.perf_counter() - start:.0f} s")
     write_json(args.json, {"device": args.device, "rows": rows, "memory": memory})
 
