@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import types
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -785,6 +786,13 @@ def check_checkpointing(checkpoint_inner_steps: object, vectorize: str, compile:
 _COMPILED: weakref.WeakKeyDictionary[nn.Module, dict[tuple, Callable]] = weakref.WeakKeyDictionary()
 
 
+def _own_code(fn: Callable) -> Callable:
+    """``fn`` with a code object of its own (same body, closure and globals)."""
+    return types.FunctionType(
+        fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__
+    )
+
+
 def _compiled_meta_loss(
     key: tuple,
     mode: str,
@@ -806,11 +814,17 @@ def _compiled_meta_loss(
             loss, *rest = _mean_loss(_run_tasks(task, vectorized, p, c, episode))
             return loss, tuple(rest)
 
+        def meta_gradient(
+            p: dict[str, Tensor], c: dict[str, Tensor], *episode: Tensor
+        ) -> tuple[dict[str, Tensor], tuple[Tensor, tuple[Tensor, ...]]]:
+            return torch.func.grad_and_value(objective, has_aux=True)(p, c, *episode)
+
         # the whole meta-gradient (inner grads, adaptation, outer grad) is one forward graph for
-        # the compiler; no backward runs through compiled code
-        compiled = torch.compile(
-            torch.func.grad_and_value(objective, has_aux=True), mode=mode, dynamic=False
-        )
+        # the compiler; no backward runs through compiled code. Dynamo keeps its compiled graphs
+        # per code object, at most torch._dynamo.config.recompile_limit (8) of them, and runs the
+        # code eagerly past that: a code object per network and setting keeps every setting
+        # compiled, however many a process uses.
+        compiled = torch.compile(_own_code(meta_gradient), mode=mode, dynamic=False)
         _COMPILED[net][key] = compiled
     names = list(params)
     detached = {name: params[name].detach() for name in names}
