@@ -598,3 +598,15 @@ def test_auto_runs_convolution_networks_task_by_task_on_the_cpu():
     assert meta_loss(
         net, "cross_entropy", *image_tasks(), inner_lr=0.1, vectorize="vmap"
     ).vectorized
+
+
+def test_every_compiled_setting_stays_compiled_past_dynamos_recompile_limit():
+    # dynamo compiles at most recompile_limit graphs per code object and runs the rest eagerly
+    from torch._dynamo.utils import counters
+
+    net, tasks = tanh_mlp().double(), regression_tasks()
+    counters.clear()
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for steps in (1, 2):
+            meta_loss(net, "mse", *tasks, inner_lr=0.1, inner_steps=steps, compile=True)
+    assert counters["stats"]["unique_graphs"] == 2
