@@ -118,12 +118,22 @@ def sgd_step(
     }
 
 
-def check_inner_lr(value: object, name: str = "inner_lr") -> float:
-    """Return ``value`` as a float, or raise naming ``name`` if it is not a finite real number."""
+def check_inner_lr(value: object, name: str = "inner_lr", positive: bool = False) -> float:
+    """Return ``value`` as a float, or raise naming ``name`` if it is not a finite real number
+    (``positive=True``: a finite number > 0).
+
+    Example::
+
+        >>> check_inner_lr(0.0, positive=True)
+        Traceback (most recent call last):
+        ...
+        ValueError: `inner_lr` must be a finite number > 0, got 0.0
+    """
+    allowed = "a finite number > 0" if positive else "a finite real number"
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"`{name}` must be a finite real number, got {value!r}")
-    if not math.isfinite(float(value)):
-        raise ValueError(f"`{name}` must be a finite real number, got {value!r}")
+        raise TypeError(f"`{name}` must be {allowed}, got {value!r}")
+    if not math.isfinite(float(value)) or (positive and value <= 0):
+        raise ValueError(f"`{name}` must be {allowed}, got {value!r}")
     return float(value)
 
 
@@ -187,8 +197,11 @@ def check_episode(support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y
                 f"`{x}` has {tensors[x].shape[1]} examples per task but `{y}` has "
                 f"{tensors[y].shape[1]}; they must match"
             )
-    if query_x.shape[1] < 1:
-        raise ValueError(f"`query_x` needs at least one example per task, got {query_x.shape[1]}")
+    for name in ("support_x", "query_x"):
+        if tensors[name].shape[1] < 1:
+            raise ValueError(
+                f"`{name}` needs at least one example per task, got {tensors[name].shape[1]}"
+            )
     if support_x.shape[2:] != query_x.shape[2:]:
         raise ValueError(
             f"`support_x` examples have shape {tuple(support_x.shape[2:])} but `query_x` examples "
@@ -877,7 +890,8 @@ def meta_loss(
         loss_fn: ``"mse"``, ``"cross_entropy"`` or a callable ``(prediction, target) -> scalar``.
         support_x, support_y, query_x, query_y: tensors with a leading task dimension (see
             :func:`check_episode`).
-        inner_lr: step size of the inner-loop SGD.
+        inner_lr: step size of the inner-loop SGD, > 0 (``inner_steps=0`` evaluates without
+            adapting).
         inner_steps: number of inner-loop steps (0 evaluates the initial parameters).
         algorithm: ``"maml"`` differentiates through every inner step (second order);
             ``"fomaml"`` treats inner gradients as constants (first order); ``"reptile"`` returns a
@@ -925,13 +939,18 @@ def meta_loss(
         torch.Size([])
     """
     loss_fn = resolve_loss(loss_fn)
-    inner_lr = check_inner_lr(inner_lr)
+    inner_lr = check_inner_lr(inner_lr, positive=True)
     inner_steps = check_inner_steps(inner_steps)
     if algorithm not in ALGORITHMS:
         raise ValueError(f"`algorithm` must be one of {ALGORITHMS}, got {algorithm!r}")
     check_episode(support_x, support_y, query_x, query_y)
     compile_mode = check_compile(compile)
     params, constants = split_parameters(net, params)
+    if not params:
+        raise ValueError(
+            f"{type(net).__name__} has no parameter with requires_grad=True to adapt, and no "
+            "`params` were given: unfreeze at least one parameter or pass `params`"
+        )
     check_checkpointing(checkpoint_inner_steps, vectorize, compile_mode)
     # only where a graph through the inner loop would be kept
     checkpoint = (

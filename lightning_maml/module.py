@@ -60,12 +60,13 @@ class MAMLModule(pl.LightningModule):
     ``{stage}/query_loss_after`` (mean query loss before and after adaptation),
     ``{stage}/query_acc_after`` for classification, and ``train/loss`` (the meta-loss). Training
     values are logged on the trainer's logging steps (``log_every_n_steps``) and as epoch means
-    over every step (``train/<name>_epoch``).
+    over every step (``train/<name>_epoch``). Under ``Trainer(barebones=True)`` nothing is logged.
 
     Args:
         net: the network; any ``nn.Module``.
         loss: ``"mse"``, ``"cross_entropy"`` or a callable ``(prediction, target) -> scalar``.
-        inner_lr: inner-loop SGD step size (default 0.01).
+        inner_lr: inner-loop SGD step size, > 0 (default 0.01); ``inner_steps=0`` for no
+            adaptation.
         inner_steps: inner-loop steps in training (default 1).
         eval_inner_steps: inner-loop steps in validation and test (default: ``inner_steps``).
         algorithm: ``"maml"`` (second order, default), ``"fomaml"`` (first order) or ``"reptile"``.
@@ -124,8 +125,13 @@ class MAMLModule(pl.LightningModule):
         super().__init__()
         if not isinstance(net, nn.Module):
             raise TypeError(f"`net` must be a torch.nn.Module, got {type(net).__name__}")
+        if not any(p.requires_grad for p in net.parameters()):
+            raise ValueError(
+                f"`net` ({type(net).__name__}) has no parameter with requires_grad=True: MAML "
+                "adapts and meta-learns parameters, so at least one must be trainable"
+            )
         self.loss_fn = resolve_loss(loss)
-        self.inner_lr = check_inner_lr(inner_lr)
+        self.inner_lr = check_inner_lr(inner_lr, positive=True)
         self.inner_steps = check_inner_steps(inner_steps)
         self.eval_inner_steps = check_inner_steps(
             self.inner_steps if eval_inner_steps is None else eval_inner_steps, "eval_inner_steps"
@@ -135,9 +141,7 @@ class MAMLModule(pl.LightningModule):
         if vectorize not in VECTORIZE_MODES:
             raise ValueError(f"`vectorize` must be one of {VECTORIZE_MODES}, got {vectorize!r}")
         if optimizer is None:
-            check_inner_lr(meta_lr, "meta_lr")
-            if meta_lr <= 0:
-                raise ValueError(f"`meta_lr` must be > 0, got {meta_lr!r}")
+            check_inner_lr(meta_lr, "meta_lr", positive=True)
         elif not callable(optimizer):
             raise TypeError(
                 f"`optimizer` must be a callable params -> Optimizer, got {optimizer!r}"
@@ -219,23 +223,19 @@ class MAMLModule(pl.LightningModule):
             values["query_acc_after"] = correct.float().flatten()
         return values
 
-    def _is_logging_step(self) -> bool:
-        # the steps on which Lightning writes step-level values to the loggers
-        trainer = self.trainer
-        return (self.global_step + 1) % trainer.log_every_n_steps == 0 or trainer.should_stop
-
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         episode = as_episode(batch)
         out = self.meta_forward(episode)
         self.last_meta_output = out._replace(loss=out.loss.detach())  # for MetaGradientLogger
         values = self._metric_values(out, episode)
-        # self.log and metric updates are costly next to a small meta-batch: step values go out on
-        # logging steps only; every step adds to plain running sums, and their epoch means go out
-        # (through torchmetrics, synchronised across processes) in on_train_epoch_end
+        # metric updates are costly next to a small meta-batch: every step adds to plain running
+        # sums, and their epoch means go out (through torchmetrics, synchronised across processes)
+        # in on_train_epoch_end; step values go to self.log, which writes them on Lightning's
+        # logging steps (log_every_n_steps)
         for name, value in values.items():
             total, count = self._train_totals.get(name, (0, 0))
             self._train_totals[name] = (total + value.detach().sum(), count + value.numel())
-        if self._is_logging_step():
+        if not self.trainer.barebones:  # barebones Trainers refuse self.log
             step_values = {f"train/{name}": v.mean() for name, v in values.items()}
             step_values["train/loss"] = out.loss.detach()
             self.log_dict(step_values, prog_bar=True, batch_size=len(out.query_losses))
@@ -245,7 +245,8 @@ class MAMLModule(pl.LightningModule):
         for name, (total, count) in self._train_totals.items():
             metric = self.train_metrics[name]
             metric.update(total / count, weight=count)
-            self.log(f"train/{name}_epoch", metric.compute())
+            if not self.trainer.barebones:
+                self.log(f"train/{name}_epoch", metric.compute())
             metric.reset()
         self._train_totals.clear()
 
@@ -253,6 +254,8 @@ class MAMLModule(pl.LightningModule):
         metrics = getattr(self, f"{stage}_metrics")
         for name, value in self._metric_values(out, batch).items():
             metrics[name].update(value)
+            if self.trainer.barebones:
+                continue
             self.log(
                 f"{stage}/{name}",
                 metrics[name],

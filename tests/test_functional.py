@@ -414,7 +414,7 @@ def test_invalid_inner_steps_is_refused(steps):
 
 @pytest.mark.parametrize("lr", [float("nan"), float("inf"), "0.1"])
 def test_non_finite_inner_lr_is_refused(lr):
-    with pytest.raises((ValueError, TypeError), match="`inner_lr` must be a finite real number"):
+    with pytest.raises((ValueError, TypeError), match="`inner_lr` must be a finite number > 0"):
         meta_loss(nn.Linear(1, 1), "mse", *_good(), inner_lr=lr)
 
 
@@ -610,3 +610,21 @@ def test_every_compiled_setting_stays_compiled_past_dynamos_recompile_limit():
         for steps in (1, 2):
             meta_loss(net, "mse", *tasks, inner_lr=0.1, inner_steps=steps, compile=True)
     assert counters["stats"]["unique_graphs"] == 2
+
+
+@pytest.mark.parametrize("vectorize", ["vmap", "loop", "auto"])
+def test_an_empty_support_set_is_refused_on_every_path(vectorize):
+    sx, sy, qx, qy = regression_tasks()
+    with pytest.raises(ValueError, match="`support_x` needs at least one example per task, got 0"):
+        meta_loss(tanh_mlp().double(), "mse", sx[:, :0], sy[:, :0], qx, qy, inner_lr=0.1)
+
+
+def test_a_frozen_network_and_a_non_positive_inner_lr_are_refused():
+    frozen = tanh_mlp().double().requires_grad_(False)
+    with pytest.raises(ValueError, match="Sequential has no parameter with requires_grad=True"):
+        meta_loss(frozen, "mse", *regression_tasks(), inner_lr=0.1)
+    params = {n: p.clone().requires_grad_() for n, p in frozen.named_parameters()}
+    meta_loss(frozen, "mse", *regression_tasks(), inner_lr=0.1, params=params).loss.backward()
+    for lr in (0.0, -0.5):
+        with pytest.raises(ValueError, match=f"`inner_lr` must be a finite number > 0, got {lr}"):
+            meta_loss(tanh_mlp(), "mse", *regression_tasks(), inner_lr=lr)

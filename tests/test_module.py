@@ -2,6 +2,7 @@
 
 import functools
 import math
+import warnings
 
 import lightning.pytorch as pl
 import pytest
@@ -186,12 +187,18 @@ def test_invalid_module_arguments_are_refused_at_construction():
         MAMLModule(MLP(), inner_steps=-1)
     with pytest.raises(ValueError, match="`eval_inner_steps` must be an integer >= 0"):
         MAMLModule(MLP(), eval_inner_steps=-2)
-    with pytest.raises(ValueError, match="`inner_lr` must be a finite real number, got inf"):
+    with pytest.raises(ValueError, match="`inner_lr` must be a finite number > 0, got inf"):
         MAMLModule(MLP(), inner_lr=math.inf)
+    for lr in (0.0, -0.01):
+        with pytest.raises(ValueError, match=f"`inner_lr` must be a finite number > 0, got {lr}"):
+            MAMLModule(MLP(), inner_lr=lr)
     with pytest.raises(ValueError, match="`algorithm` must be one of"):
         MAMLModule(MLP(), algorithm="anil")
-    with pytest.raises(ValueError, match="`meta_lr` must be > 0"):
+    with pytest.raises(ValueError, match="`meta_lr` must be a finite number > 0, got 0.0"):
         MAMLModule(MLP(), meta_lr=0.0)
+    frozen = MLP().requires_grad_(False)
+    with pytest.raises(ValueError, match=r"`net` \(MLP\) has no parameter with requires_grad=True"):
+        MAMLModule(frozen)
     with pytest.raises(TypeError, match="`net` must be a torch.nn.Module"):
         MAMLModule("MLP")
 
@@ -248,3 +255,19 @@ def test_ddp_step_equals_single_process_step_over_the_union_of_tasks(tmp_path, c
         assert torch.equal(a, b)
         torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12)
     assert any(not torch.allclose(a.float(), p) for a, p in zip(rank0, initial.parameters()))
+
+
+@pytest.mark.parametrize("trainer_kwargs", [{"log_every_n_steps": 0}, {"barebones": True}])
+def test_training_runs_with_step_logging_off(trainer_kwargs):
+    module = MAMLModule(MLP())
+    data = SinusoidDataModule(meta_batch_size=2, batches_per_epoch=3, num_val_tasks=2)
+    kwargs = dict(max_steps=4, limit_val_batches=1, **trainer_kwargs)
+    if trainer_kwargs.get("barebones"):
+        trainer = pl.Trainer(accelerator="cpu", devices=1, **kwargs)
+    else:
+        trainer = quiet_trainer(**kwargs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, data)
+    assert trainer.global_step == 4
+    assert not [w for w in caught if "self.log" in str(w.message)]
