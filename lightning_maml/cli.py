@@ -18,11 +18,14 @@ def build_cli(args: list[str] | None = None) -> LightningCLI:
 
     Example::
 
+        >>> import tempfile
         >>> from lightning_maml.cli import build_cli
-        >>> cli = build_cli(["fit", "--model.net=lightning_maml.models.MLP",
+        >>> with tempfile.TemporaryDirectory() as root:  # the run's config.yaml is saved there
+        ...     cli = build_cli(["fit", "--model.net=lightning_maml.models.MLP",
         ...             "--data=lightning_maml.datamodules.SinusoidDataModule",
         ...             "--data.meta_batch_size=2", "--data.batches_per_epoch=2",
         ...             "--data.num_val_tasks=2", "--trainer.max_steps=2",
+        ...             f"--trainer.default_root_dir={root}",
         ...             "--trainer.logger=false", "--trainer.enable_checkpointing=false",
         ...             "--trainer.enable_progress_bar=false",
         ...             "--trainer.enable_model_summary=false"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import mne
 import numpy as np
@@ -136,10 +137,25 @@ class SyntheticMotorImagery(BaseDataset):
             interval=[0, trial_duration],
             paradigm="imagery",
         )
-        # MOABB looks for a data folder per dataset code; these data are generated in memory
+
+    def get_data(self, *args: Any, **kwargs: Any) -> dict:
+        """MOABB's ``get_data``. MOABB looks for a data folder per dataset code; these data are
+        generated in memory, so unless MNE's configuration names one, a temporary folder serves
+        for the call and is removed after it (the environment is restored)."""
         key = f"MNE_DATASETS_{self.code.upper()}_PATH"
-        if not mne.get_config(key) or not Path(mne.get_config(key)).is_dir():
-            os.environ[key] = tempfile.mkdtemp()
+        configured = mne.get_config(key)
+        if configured and Path(configured).is_dir():
+            return super().get_data(*args, **kwargs)
+        before = os.environ.get(key)
+        with tempfile.TemporaryDirectory() as folder:
+            os.environ[key] = folder
+            try:
+                return super().get_data(*args, **kwargs)
+            finally:
+                if before is None:
+                    del os.environ[key]
+                else:
+                    os.environ[key] = before
 
     def subject_profile(self, subject: int) -> dict:
         """The drawn properties of one subject (mu frequency, modulation sign and depth, ...)."""

@@ -1,5 +1,7 @@
 """SyntheticMotorImagery: a MOABB dataset with the documented class signal, learnable by MAML."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -100,3 +102,22 @@ def test_same_tensors_whatever_the_torch_seed():
     np.random.seed(7)
     b = SyntheticMotorImagery(n_subjects=1, trials_per_class=2)._get_single_subject_data(1)
     np.testing.assert_array_equal(a["0"]["0"].get_data(), b["0"]["0"].get_data())
+
+
+def test_get_data_leaves_the_environment_as_it_found_it(monkeypatch):
+    dataset = SyntheticMotorImagery(n_subjects=1, trials_per_class=4)
+    key = f"MNE_DATASETS_{dataset.code.upper()}_PATH"
+    monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(mne, "get_config", lambda *args, **kwargs: None)  # no configured folder
+    seen = []
+    original = type(dataset).__mro__[1].get_data
+
+    def spy(self, *args, **kwargs):
+        seen.append(os.environ.get(key))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(dataset).__mro__[1], "get_data", spy)
+    x, _, _ = LeftRightImagery().get_data(dataset, subjects=[1])
+    assert len(x) == 8
+    assert seen and seen[0] is not None and not os.path.exists(seen[0])  # a folder for the call
+    assert key not in os.environ
