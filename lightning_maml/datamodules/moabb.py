@@ -5,6 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
+import urllib.error
+import warnings
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -41,6 +45,80 @@ def _describe(obj: Any) -> str:
     return json.dumps([type(obj).__module__, type(obj).__qualname__, state], sort_keys=True)
 
 
+# bump when what a cache file holds changes meaning
+_CACHE_FORMAT = 2
+
+
+def _download_error(error: BaseException | None) -> bool:
+    """Whether ``error``, or one it was raised from, says data could not be fetched (network) or
+    found (missing files): the cases where the data folder is the user's next question."""
+    kinds: list[type[BaseException]] = [
+        ConnectionError,
+        TimeoutError,
+        FileNotFoundError,
+        urllib.error.URLError,
+    ]
+    try:
+        import requests
+
+        kinds.append(requests.exceptions.RequestException)
+    except ImportError:
+        pass
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, tuple(kinds)):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _checksum(x: np.ndarray, y: np.ndarray) -> str:
+    digest = hashlib.sha256(f"{x.dtype}{x.shape}{y.dtype}{y.shape}".encode())
+    digest.update(np.ascontiguousarray(x).tobytes())
+    digest.update("\0".join(y.tolist()).encode())
+    return digest.hexdigest()
+
+
+def _write_cache(path: Path, x: np.ndarray, y: np.ndarray) -> None:
+    """Write atomically: a temporary file beside ``path``, renamed over it once complete, so a
+    process killed while writing leaves no partial file and concurrent writers never collide."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(
+        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
+    ) as file:
+        try:
+            np.savez(file, x=x, y=y, sha256=np.array(_checksum(x, y)))
+            file.flush()
+            os.fsync(file.fileno())
+        except BaseException:
+            file.close()
+            Path(file.name).unlink(missing_ok=True)
+            raise
+    os.replace(file.name, path)
+
+
+def _read_cache(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """The arrays of a cache file, or ``None`` (with a warning naming the file) where it cannot
+    be read or does not hold what was written: shapes, dtypes, finite values and checksum."""
+    try:
+        with np.load(path, allow_pickle=False) as cached:
+            x, y, digest = cached["x"], cached["y"], str(cached["sha256"])
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+        problem = f"unreadable ({type(error).__name__}: {error})"
+    else:
+        if x.ndim != 3 or x.dtype != np.float32 or y.ndim != 1 or len(y) != len(x):
+            problem = f"malformed (x {x.dtype} {x.shape}, y {y.dtype} {y.shape})"
+        elif y.dtype.kind != "U" or not np.isfinite(x).all():
+            problem = "malformed (non-string labels or non-finite values)"
+        elif _checksum(x, y) != digest:
+            problem = "corrupted (its checksum does not match its contents)"
+        else:
+            return x, y
+    warnings.warn(f"cache file {path} is {problem}; rebuilding it", stacklevel=3)
+    return None
+
+
 def mne_data_folder() -> str:
     """The folder MNE downloads datasets to (``MNE_DATA`` or its default)."""
     import mne
@@ -54,8 +132,11 @@ class MOABBDataModule(pl.LightningDataModule):
     The dataset says what was recorded; the paradigm how to cut it into trials. Data are loaded
     with MOABB's own ``paradigm.get_data`` (downloads, when needed, go to MNE's data folder),
     standardised per subject (each channel to zero mean and unit variance over that subject's
-    trials), and cached on disk as ``.npz`` per subject, keyed by the dataset, the subject and the
-    paradigm settings, so a second run skips MNE. Subjects are split into meta-train, meta-val and
+    trials), and cached on disk as ``.npz`` per subject, keyed by every public setting of the
+    dataset and the paradigm and by the subject, so a second run skips MNE. Cache files are
+    written atomically (safe with several processes filling one folder) and checked on every read
+    (shape, dtype, finite values, SHA-256 of the arrays); a bad file is rebuilt with a warning
+    naming it. Subjects are split into meta-train, meta-val and
     meta-test sets; episodes are N-way K-shot with class-balanced support and query sets
     (:class:`~lightning_maml.datamodules.episodic.EpisodicDataset`).
 
@@ -86,8 +167,8 @@ class MOABBDataModule(pl.LightningDataModule):
 
     Raises:
         ValueError: on unknown subjects, overlapping splits, an empty split or counts below 1.
-        RuntimeError: if a subject's data cannot be loaded (e.g. offline without the files),
-            naming the dataset and the MNE data folder.
+        RuntimeError: if a subject's data cannot be loaded, naming the dataset, the subject and
+            the error; for a network error or missing files, also the MNE data folder.
 
     Example::
 
@@ -143,6 +224,7 @@ class MOABBDataModule(pl.LightningDataModule):
         self.dataset = _resolve(dataset, "moabb.datasets", dataset_kwargs, "dataset")
         self.paradigm = _resolve(paradigm, "moabb.paradigms", paradigm_kwargs, "paradigm")
         self._paradigm_key = _describe(self.paradigm)  # before get_data, which sets attributes
+        self._dataset_key: str | None = None  # on first use, after the user's own settings
         self.splits = self._split(
             train_subjects, val_subjects, test_subjects, val_fraction, test_fraction, seed
         )
@@ -188,9 +270,9 @@ class MOABBDataModule(pl.LightningDataModule):
     def _cache_path(self, subject: int) -> Path | None:
         if self.cache_dir is None:
             return None
-        d = self.dataset
-        dataset_key = [type(d).__qualname__, d.code, repr(d.event_id), repr(d.interval)]
-        key = json.dumps([dataset_key, self._paradigm_key, subject])
+        if self._dataset_key is None:  # before any get_data
+            self._dataset_key = _describe(self.dataset)
+        key = json.dumps([_CACHE_FORMAT, self._dataset_key, self._paradigm_key, subject])
         digest = hashlib.sha256(key.encode()).hexdigest()[:16]
         return self.cache_dir / f"{self.dataset.code}-subject{subject}-{digest}.npz"
 
@@ -199,30 +281,34 @@ class MOABBDataModule(pl.LightningDataModule):
         cache when present, else through ``paradigm.get_data``."""
         path = self._cache_path(subject)
         if path is not None and path.exists():
-            with np.load(path, allow_pickle=False) as cached:
-                return cached["x"], cached["y"]
+            cached = _read_cache(path)
+            if cached is not None:
+                return cached
         try:
             x, y, _ = self.paradigm.get_data(dataset=self.dataset, subjects=[subject])
-        except Exception as error:  # MNE/MOABB raise many kinds when files are missing offline
-            raise RuntimeError(
+        except Exception as error:  # MNE/MOABB raise many kinds
+            message = (
                 f"could not load subject {subject} of {self.dataset.code} through "
-                f"{type(self.paradigm).__name__}.get_data ({type(error).__name__}: {error}). "
-                f"Without network access the files must already be in the MNE data folder "
-                f"{mne_data_folder()!r} (set MNE_DATA to change it)."
-            ) from error
+                f"{type(self.paradigm).__name__}.get_data ({type(error).__name__}: {error})."
+            )
+            if _download_error(error):
+                message += (
+                    f" Without network access the files must already be in the MNE data folder "
+                    f"{mne_data_folder()!r} (set MNE_DATA to change it)."
+                )
+            raise RuntimeError(message) from error
         x, y = x.astype(np.float32), np.asarray(y).astype(str)
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            np.savez(path, x=x, y=y)
+            _write_cache(path, x, y)
         return x, y
 
     def prepare_data(self) -> None:
-        """Fill the cache (downloading through MOABB where needed); without a cache there is
-        nothing to prepare and ``setup`` loads the data."""
+        """Fill the cache (downloading through MOABB where needed), rebuilding entries that are
+        missing or fail their check; without a cache there is nothing to prepare and ``setup``
+        loads the data."""
         for subjects in self.splits.values():
             for subject in subjects:
-                path = self._cache_path(subject)
-                if path is not None and not path.exists():
+                if self._cache_path(subject) is not None:
                     self.load_subject(subject)
 
     def setup(self, stage: str | None = None) -> None:

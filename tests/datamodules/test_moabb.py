@@ -1,7 +1,9 @@
 """MOABBDataModule through MOABB's real loading path: FakeDataset, cache, errors, real PhysioNet."""
 
 import shutil
+import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,7 @@ pytest.importorskip("moabb")
 from moabb.datasets.fake import FakeDataset  # noqa: E402
 
 from lightning_maml.datamodules import MOABBDataModule  # noqa: E402
+from lightning_maml.datamodules.moabb import _read_cache, _write_cache  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "mne_data"
 
@@ -176,3 +179,127 @@ def test_dataset_by_dotted_path_with_kwargs_and_clear_errors(tmp_path):
         MOABBDataModule("NoSuchDataset", cache_dir=None)
     with pytest.raises(ValueError, match="`dataset_kwargs` is only used when `dataset` is a name"):
         MOABBDataModule(_fake(), dataset_kwargs={"n_subjects": 3}, cache_dir=None)
+
+
+def _corrupt_zero_bytes(path):
+    path.write_bytes(b"")
+
+
+def _corrupt_truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _corrupt_garbage(path):
+    path.write_bytes(b"not a zip file at all" * 100)
+
+
+def _corrupt_values(path):
+    # a valid file whose arrays no longer match their checksum
+    with np.load(path) as cached:
+        x, y, digest = cached["x"].copy(), cached["y"], cached["sha256"]
+    x[0, 0, 0] += 1.0
+    np.savez(path, x=x, y=y, sha256=digest)
+
+
+def _corrupt_nan(path):
+    with np.load(path) as cached:
+        x, y, digest = cached["x"].copy(), cached["y"], cached["sha256"]
+    x[0, 0, 0] = np.nan
+    np.savez(path, x=x, y=y, sha256=digest)
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    [_corrupt_zero_bytes, _corrupt_truncate, _corrupt_garbage, _corrupt_values, _corrupt_nan],
+)
+def test_a_bad_cache_file_is_named_and_rebuilt(tmp_path, corrupt):
+    dm = _module(tmp_path)
+    dm.prepare_data()
+    expected = _loaded(dm)
+    path = dm._cache_path(1)
+    corrupt(path)
+    again = _module(tmp_path)
+    with pytest.warns(UserWarning, match=f"cache file {path} is .*; rebuilding it"):
+        again.prepare_data()
+    np.testing.assert_array_equal(_loaded(again), expected)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # rebuilt: read cleanly from now on
+        np.testing.assert_array_equal(_loaded(_module(tmp_path)), expected)
+
+
+def test_a_write_that_dies_leaves_no_cache_file(tmp_path, monkeypatch):
+    dm = _module(tmp_path)
+
+    def killed(file, **arrays):
+        file.write(b"PK\x03\x04 half a zip")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "savez", killed)
+    with pytest.raises(KeyboardInterrupt):
+        dm.prepare_data()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_concurrent_writers_and_readers_of_one_cache_file(tmp_path):
+    x = np.random.default_rng(0).standard_normal((20, 3, 64)).astype(np.float32)
+    y = np.array(["left_hand", "right_hand"] * 10)
+    path = tmp_path / "subject.npz"
+    _write_cache(path, x, y)
+    problems = []
+
+    def write():
+        for _ in range(30):
+            _write_cache(path, x, y)
+
+    def read():
+        for _ in range(60):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                got = _read_cache(path)
+            if got is None or caught:
+                problems.append([str(w.message) for w in caught])
+
+    threads = [threading.Thread(target=f) for f in (write, write, read, read)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert problems == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["subject.npz"]
+
+
+def test_the_cache_key_covers_the_dataset_settings(tmp_path):
+    from moabb.datasets import PhysionetMI
+
+    from lightning_maml.datamodules.synthetic_eeg import SyntheticMotorImagery
+
+    def path(dataset):
+        return MOABBDataModule(dataset, cache_dir=str(tmp_path), train_subjects=[1])._cache_path(1)
+
+    assert path(SyntheticMotorImagery()) == path(SyntheticMotorImagery())
+    assert path(SyntheticMotorImagery()) != path(SyntheticMotorImagery(trials_per_class=40, snr=5))
+    assert path(PhysionetMI()) != path(PhysionetMI(imagined=True, executed=True))
+    restricted = PhysionetMI()
+    restricted.hand_runs = [4]
+    assert path(restricted) != path(PhysionetMI())
+
+
+def test_the_data_folder_hint_is_given_for_download_errors_only(tmp_path, monkeypatch):
+    import requests
+
+    dm = _module(tmp_path, cache_dir=None)
+    causes = {
+        ValueError("lowpass frequency 50 Hz is above the Nyquist frequency 32 Hz"): False,
+        requests.exceptions.ConnectionError("Max retries exceeded"): True,
+        FileNotFoundError("Download location does not exist"): True,
+    }
+    for cause, hint in causes.items():
+
+        def fail(*args, cause=cause, **kwargs):
+            raise cause
+
+        monkeypatch.setattr(dm.paradigm, "get_data", fail)
+        with pytest.raises(RuntimeError, match="could not load subject 1 of FakeDataset") as info:
+            dm.load_subject(1)
+        assert ("Without network access" in str(info.value)) == hint, str(info.value)
+        assert str(cause) in str(info.value)
