@@ -1,15 +1,70 @@
-"""A drop-in replacement for ``learn2learn.algorithms.MAML``, implemented functionally."""
+"""A drop-in replacement for ``learn2learn.algorithms.MAML``, with learn2learn's clone semantics."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections import OrderedDict
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
-from lightning_maml.functional import check_inner_lr, sgd_step
+from lightning_maml.functional import check_inner_lr
+
+
+def clone_module(module: nn.Module) -> nn.Module:
+    """A module tree of its own with ``module``'s structure and settings: new module objects whose
+    parameters are ``p.clone()`` of the originals (differentiable tensors, a snapshot of their
+    values: a later optimizer step on the originals leaves the clone as it was) and whose buffers
+    are copies. Parameters shared between submodules stay shared. Forward hooks registered so far
+    are kept; hooks registered later on either tree stay with it.
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+        >>> clone = clone_module(net)
+        >>> clone[0].weight is net[0].weight, clone[0].weight.grad_fn is not None
+        (False, True)
+    """
+    tensors: dict[int, Tensor] = {}
+    modules: dict[int, nn.Module] = {}
+
+    def copy(original: nn.Module) -> nn.Module:
+        if id(original) in modules:  # a submodule used twice stays one module
+            return modules[id(original)]
+        clone = original.__class__.__new__(original.__class__)
+        clone.__dict__ = original.__dict__.copy()
+        modules[id(original)] = clone
+        for name, value in original.__dict__.items():
+            if name.endswith("hooks") and isinstance(value, OrderedDict):
+                clone.__dict__[name] = OrderedDict(value)
+        clone._parameters = {}
+        for name, p in original._parameters.items():
+            if p is not None and id(p) not in tensors:
+                tensors[id(p)] = p.clone()
+            clone._parameters[name] = None if p is None else tensors[id(p)]
+        clone._buffers = {}
+        for name, b in original._buffers.items():
+            if b is not None and id(b) not in tensors:
+                tensors[id(b)] = b.clone()
+            clone._buffers[name] = None if b is None else tensors[id(b)]
+        clone._modules = {
+            name: None if child is None else copy(child)
+            for name, child in original._modules.items()
+        }
+        return clone
+
+    return copy(module)
+
+
+def update_module(module: nn.Module, updates: dict[int, Tensor]) -> None:
+    """Replace, everywhere in ``module``'s tree, each parameter tensor ``p`` with
+    ``updates[id(p)]`` where given (shared parameters are replaced together)."""
+    for submodule in module.modules():
+        for name, p in submodule._parameters.items():
+            if p is not None and id(p) in updates:
+                submodule._parameters[name] = updates[id(p)]
 
 
 class MAML(nn.Module):
@@ -17,11 +72,14 @@ class MAML(nn.Module):
 
     Finn, Abbeel, Levine 2017, https://arxiv.org/abs/1703.03400.
 
-    ``clone()`` returns a learner that shares the wrapped module's structure and holds its own
-    parameter tensors (a differentiable function of the originals) and its own copy of the buffers.
-    ``adapt(loss)`` takes one SGD step on those tensors; calling the learner runs the module with
-    them through :func:`torch.func.functional_call`. Backpropagating a loss of the learner puts the
-    meta-gradient on the original module's parameters. No module is deep-copied.
+    ``clone()`` returns a learner around a module tree of its own (:func:`clone_module`), as
+    learn2learn's does: its parameters are differentiable clones of the originals, its buffers
+    copies. ``adapt(loss)`` takes one SGD step, replacing the learner's parameter tensors by
+    ``p - lr * grad`` throughout its tree, so everything that reads the learner's modules sees the
+    adapted network: ``learner(x)``, ``learner.module.features(x)``, ``learner.module.head.weight``,
+    ``state_dict()``, hooks. ``.to``, ``.train()`` / ``.eval()`` act on the learner alone, and a
+    learner is a snapshot: an optimizer step on the originals afterwards leaves it as it was.
+    Backpropagating a loss of the learner puts the meta-gradient on the original parameters.
 
     Args:
         model: the network to meta-learn; any ``nn.Module``.
@@ -62,33 +120,10 @@ class MAML(nn.Module):
         self.first_order = bool(first_order)
         self.allow_nograd = bool(allow_nograd)
         self.allow_unused = self.allow_nograd if allow_unused is None else bool(allow_unused)
-        # set on clones only: the learner's own parameter tensors and buffers
-        self._fast_params: dict[str, Tensor] | None = None
-        self._fast_buffers: dict[str, Tensor] | None = None
+        self._is_clone = False
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self._fast_params is None:
-            return self.module(*args, **kwargs)
-        return functional_call(self.module, (self._fast_params, self._fast_buffers), args, kwargs)
-
-    def named_parameters(
-        self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
-    ) -> Iterator[tuple[str, Tensor]]:
-        if self._fast_params is None:
-            yield from super().named_parameters(prefix, recurse, remove_duplicate)
-            return
-        base = prefix + ("." if prefix else "") + "module."
-        for name, p in self._fast_params.items():
-            yield base + name, p
-
-    def parameters(self, recurse: bool = True) -> Iterator[Tensor]:
-        for _, p in self.named_parameters(recurse=recurse):
-            yield p
-
-    def _state(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        if self._fast_params is not None:
-            return self._fast_params, self._fast_buffers
-        return dict(self.module.named_parameters()), dict(self.module.named_buffers())
+        return self.module(*args, **kwargs)
 
     def clone(
         self,
@@ -98,20 +133,19 @@ class MAML(nn.Module):
     ) -> MAML:
         """Return a learner to adapt to one task; ``None`` arguments inherit from this object.
 
-        The learner's parameters start equal to (and differentiable w.r.t.) this object's; its
-        buffers (e.g. BatchNorm running statistics) are copies, so what one task's forward passes
-        write to them stays with that learner.
+        The learner wraps :func:`clone_module` of this object's module: a module tree of its own
+        whose parameters are differentiable clones of this object's (so a loss of the learner
+        backpropagates into them) and whose buffers are copies (what one task's forward passes
+        write to them, e.g. BatchNorm running statistics, stays with that learner).
         """
-        params, buffers = self._state()
         learner = MAML(
-            self.module,
+            clone_module(self.module),
             self.lr,
             first_order=self.first_order if first_order is None else first_order,
             allow_unused=self.allow_unused if allow_unused is None else allow_unused,
             allow_nograd=self.allow_nograd if allow_nograd is None else allow_nograd,
         )
-        learner._fast_params = dict(params)
-        learner._fast_buffers = {name: b.clone() for name, b in buffers.items()}
+        learner._is_clone = True
         return learner
 
     def adapt(
@@ -121,26 +155,28 @@ class MAML(nn.Module):
         allow_unused: bool | None = None,
         allow_nograd: bool | None = None,
     ) -> None:
-        """Take one gradient step of size ``lr`` on ``loss`` (a scalar computed with this learner).
+        """Take one gradient step of size ``lr`` on ``loss`` (a scalar computed with this learner):
+        every parameter tensor of the learner's module tree is replaced by ``p - lr * grad``.
 
         Raises:
             ValueError: if ``loss`` is not a scalar tensor, if a parameter is frozen and
                 ``allow_nograd`` is ``False``, or a parameter is unused and ``allow_unused`` is
                 ``False``.
-            RuntimeError: if called on the wrapper itself rather than on a clone.
+            RuntimeError: if called on the wrapper itself rather than on a clone (it would
+                replace the meta-parameters by their adapted values).
         """
+        if not self._is_clone:
+            raise RuntimeError(
+                "adapt() updates a learner returned by clone(); call `learner = maml.clone()` and "
+                "adapt the learner, so the meta-parameters stay untouched"
+            )
         first_order = self.first_order if first_order is None else first_order
         allow_unused = self.allow_unused if allow_unused is None else allow_unused
         allow_nograd = self.allow_nograd if allow_nograd is None else allow_nograd
         if not isinstance(loss, Tensor) or loss.dim() != 0:
             shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
             raise ValueError(f"`loss` must be a scalar tensor, got {shape}")
-        if self._fast_params is None:
-            raise RuntimeError(
-                "adapt() updates a learner returned by clone(); call `learner = maml.clone()` and "
-                "adapt the learner, so the meta-parameters stay untouched"
-            )
-        params = self._fast_params
+        params = dict(self.module.named_parameters())
         frozen = [name for name, p in params.items() if not p.requires_grad]
         if frozen and not allow_nograd:
             raise ValueError(
@@ -162,7 +198,12 @@ class MAML(nn.Module):
                 f"parameters {unused} are not used by `loss`; pass allow_unused=True to leave them "
                 f"unchanged during adaptation"
             )
-        self._fast_params = sgd_step(params, dict(zip(names, grads)), self.lr)
+        updates = {
+            id(params[name]): params[name] - self.lr * g
+            for name, g in zip(names, grads)
+            if g is not None
+        }
+        update_module(self.module, updates)
 
     def extra_repr(self) -> str:
         return f"lr={self.lr}, first_order={self.first_order}"

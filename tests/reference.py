@@ -58,3 +58,41 @@ def finite_difference_gradient(
 def max_abs_difference(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:
     assert a.keys() == b.keys()
     return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def l2l_clone_module(module: nn.Module, memo: dict | None = None) -> nn.Module:
+    """learn2learn's ``clone_module`` as its source describes it: a shallow copy of every module
+    (``__dict__`` copied), parameters replaced by ``param.clone()`` (one clone per storage, so tied
+    parameters stay tied), submodules cloned recursively. learn2learn shares buffers that do not
+    require grad with the original; that part is not reproduced here."""
+    memo = {} if memo is None else memo
+    clone = module.__new__(type(module))
+    clone.__dict__ = module.__dict__.copy()
+    clone._parameters = clone._parameters.copy()
+    clone._buffers = {k: None if b is None else b.clone() for k, b in module._buffers.items()}
+    clone._modules = clone._modules.copy()
+    for key, param in module._parameters.items():
+        if param is not None:
+            ptr = param.data_ptr()
+            if ptr not in memo:
+                memo[ptr] = param.clone()
+            clone._parameters[key] = memo[ptr]
+    for key, child in module._modules.items():
+        clone._modules[key] = l2l_clone_module(child, memo)
+    return clone
+
+
+def l2l_update_module(module: nn.Module, lr: float, grads: list[Tensor | None]) -> None:
+    """learn2learn's ``maml_update``: ``p - lr * g`` written into ``_parameters`` of every module of
+    the tree, in ``module.parameters()`` order."""
+    updates = {}
+    for p, g in zip(module.parameters(), grads):
+        if g is not None:
+            updates[id(p)] = p - lr * g
+    stack = [module]
+    while stack:
+        m = stack.pop()
+        for key, p in m._parameters.items():
+            if p is not None and id(p) in updates:
+                m._parameters[key] = updates[id(p)]
+        stack.extend(c for c in m._modules.values() if c is not None)

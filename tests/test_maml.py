@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import unrolled_meta_loss
+from reference import l2l_clone_module, l2l_update_module, unrolled_meta_loss
 from tasks import image_tasks, regression_tasks, small_conv_net, tanh_mlp
 from test_functional import _hand_derived_single_neuron_meta_gradient, _ones, _single_neuron
 from torch import nn
@@ -113,7 +113,8 @@ def test_frozen_parameter_raises_unless_allow_nograd_and_then_stays_untouched():
     learner = MAML(net, lr=0.1, allow_nograd=True).clone()
     learner.adapt(F.mse_loss(learner(x), y))
     adapted = dict(learner.named_parameters())
-    assert adapted["module.0.weight"] is net[0].weight
+    assert torch.equal(adapted["module.0.weight"], net[0].weight)
+    assert not adapted["module.0.weight"].requires_grad
     F.mse_loss(learner(x), y).backward()
     assert net[0].weight.grad is None and net[0].bias.grad is not None
 
@@ -146,9 +147,9 @@ def test_buffers_are_per_clone_and_running_stats_do_not_leak():
     learner = maml.clone()
     learner.adapt(F.mse_loss(learner(torch.randn(8, 1) + 5), torch.randn(8, 1)))
     assert torch.equal(net[1].running_mean, before)
-    assert not torch.equal(learner._fast_buffers["1.running_mean"], before)
+    assert not torch.equal(learner.module[1].running_mean, before)
     other = maml.clone()
-    assert torch.equal(other._fast_buffers["1.running_mean"], before)
+    assert torch.equal(other.module[1].running_mean, before)
 
 
 def test_shared_submodules_keep_their_tying():
@@ -184,7 +185,10 @@ def test_clone_of_an_adapted_learner_continues_from_it():
     learner.adapt(F.mse_loss(learner(x), y))
     child = learner.clone()
     for a, b in zip(child.parameters(), learner.parameters()):
-        assert a is b
+        assert torch.equal(a, b) and a is not b
+    # still a function of the meta-parameters
+    grads = torch.autograd.grad(sum(p.sum() for p in child.parameters()), list(net.parameters()))
+    assert all(g.abs().sum() > 0 for g in grads)
 
 
 def test_bad_arguments_are_refused_with_the_argument_named():
@@ -198,3 +202,108 @@ def test_bad_arguments_are_refused_with_the_argument_named():
         learner.adapt((learner(x) - x) ** 2)
     with pytest.raises(RuntimeError, match="adapt\\(\\) updates a learner returned by clone"):
         MAML(nn.Linear(1, 1), lr=0.1).adapt(learner(x).sum())
+
+
+class FeaturesAndHead(nn.Module):
+    """An ANIL-style network whose users call its parts."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Linear(2, 6), nn.Tanh(), nn.Linear(6, 4), nn.Tanh())
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def _reference_learner(net, lr, x, y, steps=1):
+    clone = l2l_clone_module(net)
+    for _ in range(steps):
+        loss = F.mse_loss(clone(x), y)
+        grads = torch.autograd.grad(loss, list(clone.parameters()), create_graph=True)
+        l2l_update_module(clone, lr, list(grads))
+    return clone
+
+
+def _data(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(6, d, generator=g, dtype=torch.float64) for d in (2, 1, 2, 1))
+
+
+def test_submodules_of_an_adapted_clone_are_adapted_as_in_learn2learn():
+    net = FeaturesAndHead().double()
+    x, y, qx, qy = _data()
+    learner = MAML(net, lr=0.3).clone()
+    for _ in range(2):
+        learner.adapt(F.mse_loss(learner(x), y))
+    reference = _reference_learner(net, 0.3, x, y, steps=2)
+    torch.testing.assert_close(learner.module.features(qx), reference.features(qx))
+    torch.testing.assert_close(learner.module.head.weight, reference.head.weight)
+    assert not torch.equal(learner.module.head.weight, net.head.weight)
+    # a meta-gradient through the parts (ANIL-style code) equals the reference's
+    results = []
+    for model in (learner.module, reference):
+        net.zero_grad()
+        F.mse_loss(model.head(model.features(qx)), qy).backward(retain_graph=True)
+        results.append([p.grad.clone() for p in net.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    assert all(g.abs().sum() > 0 for g in results[0])
+
+
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")
+def test_state_dict_to_and_train_eval_act_on_the_clone_as_in_learn2learn():
+    net = nn.Sequential(nn.Linear(2, 4), nn.BatchNorm1d(4), nn.Linear(4, 1)).double()
+    x, y, _, _ = _data()
+    learner = MAML(net, lr=0.3).clone()
+    learner.adapt(F.mse_loss(learner(x), y))
+    reference = _reference_learner(net, 0.3, x, y)
+    got, want = learner.module.state_dict(), reference.state_dict()
+    assert got.keys() == want.keys() == net.state_dict().keys()
+    for k in ("0.weight", "2.bias"):
+        torch.testing.assert_close(got[k], want[k])
+        assert not torch.equal(got[k], net.state_dict()[k])
+    learner.eval()
+    assert not learner.module[1].training and net[1].training
+    learner.to(torch.float32)
+    assert learner.module[0].weight.dtype == torch.float32 and net[0].weight.dtype == torch.float64
+
+
+def test_a_clone_is_a_snapshot_of_the_parameters_at_clone_time():
+    net = FeaturesAndHead().double()
+    x, y, qx, qy = _data()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.5)
+    before = [p.detach().clone() for p in net.parameters()]
+    learner = MAML(net, lr=0.3).clone()
+    reference = l2l_clone_module(net)
+    net(qx).sum().backward()
+    optimizer.step()  # the originals move; the clones stay as they were
+    optimizer.zero_grad()
+    for a, b, r in zip(learner.parameters(), before, reference.parameters()):
+        assert torch.equal(a, b) and torch.equal(r, b)
+    learner.adapt(F.mse_loss(learner(x), y))
+    F.mse_loss(learner(qx), qy).backward()  # no in-place modification error
+    got = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    grads = torch.autograd.grad(
+        F.mse_loss(reference(x), y), list(reference.parameters()), create_graph=True
+    )
+    l2l_update_module(reference, 0.3, list(grads))
+    F.mse_loss(reference(qx), qy).backward()
+    for a, b in zip(got, (p.grad for p in net.parameters())):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_forward_hooks_see_the_adapted_network():
+    net = FeaturesAndHead().double()
+    seen = []
+    net.head.register_forward_hook(lambda module, args, output: seen.append(module.weight))
+    x, y, _, _ = _data()
+    learner = MAML(net, lr=0.3).clone()
+    learner.adapt(F.mse_loss(learner(x), y))
+    seen.clear()
+    learner(x)
+    assert len(seen) == 1 and seen[0] is learner.module.head.weight
+    learner.module.head.register_forward_hook(lambda *args: seen.append("clone only"))
+    net(x)
+    assert "clone only" not in seen
