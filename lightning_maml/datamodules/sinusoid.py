@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import lightning.pytorch as pl
 import numpy as np
@@ -12,6 +12,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from lightning_maml.datamodules.resumable import ResumableLoader, training_position
 from lightning_maml.episode import Episode
 from lightning_maml.functional import check_count
 
@@ -75,9 +76,10 @@ class SinusoidTaskStream(IterableDataset):
     Batch ``b`` of pass ``e`` is drawn from a generator keyed by ``(seed, e, b)``: the global batch
     holds ``meta_batch_size * world_size`` tasks, and each distributed rank takes its own slice, so
     ranks see different tasks and the union over ranks does not depend on the number of processes.
-    DataLoader workers split the batches between them. The pass number is read from ``epoch_fn``
-    when given (e.g. the trainer's current epoch, so a resumed run continues with new tasks), else
-    counted from ``start_epoch``.
+    DataLoader workers split the batches between them. A pass yields the batches ``first_batch``
+    to ``batches_per_epoch - 1`` of epoch ``epoch`` (see :meth:`set_position`, which a
+    :class:`~lightning_maml.datamodules.resumable.ResumableLoader` calls before every pass);
+    iterated directly, successive passes are epochs ``start_epoch``, ``start_epoch + 1``, ...
     """
 
     def __init__(
@@ -87,27 +89,32 @@ class SinusoidTaskStream(IterableDataset):
         batches_per_epoch: int,
         seed: int,
         start_epoch: int = 0,
-        epoch_fn: Callable[[], int] | None = None,
     ) -> None:
         super().__init__()
         self.sampler_kwargs = sampler_kwargs
         self.meta_batch_size = meta_batch_size
         self.batches_per_epoch = batches_per_epoch
         self.seed = seed
-        self.epoch = start_epoch
-        self.epoch_fn = epoch_fn
+        self.epoch, self.first_batch = start_epoch, 0
+        self._positioned = False
+
+    def set_position(self, epoch: int, first_batch: int = 0) -> None:
+        """The next pass yields batches ``first_batch`` onwards of epoch ``epoch``."""
+        self.epoch, self.first_batch, self._positioned = epoch, first_batch, True
 
     def __len__(self) -> int:
         return self.batches_per_epoch
 
     def __iter__(self) -> Iterator[Episode]:
-        epoch = self.epoch_fn() if self.epoch_fn is not None else self.epoch
-        self.epoch = epoch + 1
+        epoch, first = self.epoch, self.first_batch
+        if not self._positioned:  # iterated directly: the next pass is the next epoch
+            self.epoch, self.first_batch = epoch + 1, 0
+        self._positioned = False
         rank, world_size = _rank_and_world_size()
         worker = get_worker_info()
         worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
         lo, hi = rank * self.meta_batch_size, (rank + 1) * self.meta_batch_size
-        for b in range(worker_id, self.batches_per_epoch, num_workers):
+        for b in range(first + worker_id, self.batches_per_epoch, num_workers):
             generator = seeded_generator(self.seed, _TRAIN, epoch, b)
             tasks = sample_sinusoid_tasks(
                 self.meta_batch_size * world_size, generator=generator, **self.sampler_kwargs
@@ -147,7 +154,8 @@ class SinusoidDataModule(pl.LightningDataModule):
         phase_range: ``(low, high)`` of the phase (default ``(0, pi)``).
         x_range: ``(low, high)`` of the inputs (default ``(-5, 5)``).
         seed: seed of every task stream (default 0).
-        num_workers: DataLoader workers for training (default 0; generation is cheap).
+        num_workers: DataLoader workers for training (default 0; generation is cheap). They start
+            anew each epoch, with the epoch's position in the task stream.
 
     Raises:
         ValueError: if a count is below 1 or a range has ``low > high``.
@@ -212,6 +220,7 @@ class SinusoidDataModule(pl.LightningDataModule):
             "x_range": tuple(x_range),
         }
         self.num_tasks = {_VAL: num_val_tasks, _TEST: num_test_tasks}
+        self._passes = [0]  # training passes outside a Trainer
 
     def fixed_tasks(self, split: str) -> Episode:
         """The fixed ``"val"`` or ``"test"`` task set as one batched :class:`Episode`."""
@@ -221,25 +230,20 @@ class SinusoidDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        trainer = getattr(self, "trainer", None)
+        """Fresh tasks every batch; a run resumed from any checkpoint (mid-epoch, with workers,
+        under DDP) continues with the batch the interrupted run would have drawn next."""
         stream = SinusoidTaskStream(
-            self.sampler_kwargs,
-            self.meta_batch_size,
-            self.batches_per_epoch,
-            self.seed,
-            start_epoch=trainer.current_epoch if trainer is not None else 0,
-            # workers hold a pickled copy of the stream and count passes themselves
-            epoch_fn=self._trainer_epoch if trainer is not None and self.num_workers == 0 else None,
+            self.sampler_kwargs, self.meta_batch_size, self.batches_per_epoch, self.seed
         )
-        return DataLoader(
+        return ResumableLoader(
             stream,
             batch_size=None,
             num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            position=self._training_position,
         )
 
-    def _trainer_epoch(self) -> int:
-        return self.trainer.current_epoch
+    def _training_position(self) -> tuple[int, int]:
+        return training_position(getattr(self, "trainer", None), self._passes)
 
     def _fixed_loader(self, split: str) -> DataLoader:
         return DataLoader(TaskSet(self.fixed_tasks(split)), batch_size=self.meta_batch_size)
