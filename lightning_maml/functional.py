@@ -481,40 +481,26 @@ def _task_meta_loss(
             initial = _scalar_loss(loss_fn, prediction, query_y)
     else:
         initial = query_x.new_zeros(())
-    if algorithm == "reptile":
-        detached = {name: p.detach() for name, p in params.items()}
-        adapted = adapt_parameters(
-            net,
-            detached,
-            constants,
-            loss_fn,
-            support_x,
-            support_y,
-            inner_lr,
-            inner_steps,
-            first_order=True,
-            vectorized=vectorized,
-        )
-        prediction = forward(net, adapted, constants, query_x, vectorized)
-        query_loss = _scalar_loss(loss_fn, prediction, query_y)
-        # gradient of this surrogate w.r.t. params is (params - adapted)
-        surrogate = sum((p * (p.detach() - adapted[name])).sum() for name, p in params.items())
-        return surrogate, query_loss.detach(), prediction.detach(), initial
+    reptile = algorithm == "reptile"
     adapted = adapt_parameters(
         net,
-        params,
+        {name: p.detach() for name, p in params.items()} if reptile else params,
         constants,
         loss_fn,
         support_x,
         support_y,
         inner_lr,
         inner_steps,
-        first_order=algorithm == "fomaml",
+        first_order=algorithm != "maml",
         checkpoint=checkpoint,
         vectorized=vectorized,
     )
     prediction = forward(net, adapted, constants, query_x, vectorized)
     query_loss = _scalar_loss(loss_fn, prediction, query_y)
+    if reptile:
+        # gradient of this surrogate w.r.t. params is (params - adapted)
+        surrogate = sum((p * (p.detach() - adapted[name])).sum() for name, p in params.items())
+        return surrogate, query_loss.detach(), prediction.detach(), initial
     return query_loss, query_loss.detach(), prediction.detach(), initial
 
 
