@@ -36,6 +36,21 @@ def image_tasks(n_tasks=3, k=4, q=5, classes=3, dtype=torch.float64):
     return sx, sy, qx, qy
 
 
+def fake_motor_imagery(n_subjects=4):
+    """MOABB's FakeDataset with left/right hand imagery, 40 cues a run, seeded (eeg extra)."""
+    from moabb.datasets.fake import FakeDataset
+
+    return FakeDataset(
+        event_list=("left_hand", "right_hand"),
+        n_subjects=n_subjects,
+        n_sessions=1,
+        n_runs=1,
+        n_events=40,
+        duration=100,
+        seed=0,
+    )
+
+
 class ReleaseProcessGroup(pl.Callback):
     """Destroys the gloo process group when a spawned DDP run ends.
 

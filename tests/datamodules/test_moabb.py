@@ -9,27 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tasks import fake_motor_imagery
 
 pytest.importorskip("moabb")
-from moabb.datasets.fake import FakeDataset  # noqa: E402
 
 from lightning_maml.datamodules import MOABBDataModule  # noqa: E402
 from lightning_maml.datamodules.moabb import _read_cache, _write_cache  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "mne_data"
-
-
-def _fake(**kwargs):
-    return FakeDataset(
-        event_list=("left_hand", "right_hand"),
-        n_subjects=4,
-        n_sessions=1,
-        n_runs=1,
-        n_events=40,
-        duration=100,
-        seed=0,
-        **kwargs,
-    )
 
 
 def _module(tmp_path, **kwargs):
@@ -45,7 +32,7 @@ def _module(tmp_path, **kwargs):
         meta_batch_size=2,
         cache_dir=str(tmp_path),
     )
-    return MOABBDataModule(_fake(), **{**defaults, **kwargs})
+    return MOABBDataModule(fake_motor_imagery(), **{**defaults, **kwargs})
 
 
 def test_fake_dataset_episodes_and_standardisation(tmp_path):
@@ -178,7 +165,7 @@ def test_dataset_by_dotted_path_with_kwargs_and_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="`dataset` 'NoSuchDataset' is not a class of moabb"):
         MOABBDataModule("NoSuchDataset", cache_dir=None)
     with pytest.raises(ValueError, match="`dataset_kwargs` is only used when `dataset` is a name"):
-        MOABBDataModule(_fake(), dataset_kwargs={"n_subjects": 3}, cache_dir=None)
+        MOABBDataModule(fake_motor_imagery(), dataset_kwargs={"n_subjects": 3}, cache_dir=None)
 
 
 def _corrupt_zero_bytes(path):

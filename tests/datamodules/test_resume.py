@@ -5,7 +5,7 @@ was never interrupted: it meta-trains on the same task stream."""
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from tasks import ReleaseProcessGroup, quiet_trainer
+from tasks import ReleaseProcessGroup, fake_motor_imagery, quiet_trainer
 
 from lightning_maml import MAMLModule
 from lightning_maml.datamodules import SinusoidDataModule
@@ -79,22 +79,11 @@ def test_sinusoid_resume_from_the_end_of_an_epoch(tmp_path):
 
 def test_episodic_eeg_resume_continues_the_same_episodes(tmp_path):
     pytest.importorskip("moabb")
-    from moabb.datasets.fake import FakeDataset
-
     from lightning_maml.datamodules import MOABBDataModule
 
     def data():
-        dataset = FakeDataset(
-            event_list=("left_hand", "right_hand"),
-            n_subjects=3,
-            n_sessions=1,
-            n_runs=1,
-            n_events=40,
-            duration=100,
-            seed=0,
-        )
         return MOABBDataModule(
-            dataset,
+            fake_motor_imagery(n_subjects=3),
             "LeftRightImagery",
             {"resample": 32},
             train_subjects=[1, 2],
