@@ -61,7 +61,13 @@ from torch.utils.data import DataLoader
 from lightning_maml import MAML, Episode, MAMLModule
 from lightning_maml.datamodules import SinusoidDataModule, sample_sinusoid_tasks
 from lightning_maml.datamodules.sinusoid import TaskSet
-from lightning_maml.functional import COMPILE_MODES, meta_loss, resolve_loss, task_batch_norm
+from lightning_maml.functional import (
+    COMPILE_MODES,
+    meta_loss,
+    resolve_loss,
+    task_batch_norm,
+    vmap_pays_off,
+)
 from lightning_maml.models import MLP
 from lightning_maml.models.eegnet import EEGNet
 
@@ -297,6 +303,22 @@ def variant_peaks(w: Workload, device: str, compile: bool | str) -> dict[str, fl
     return peaks
 
 
+def vmap_check_seconds(w: Workload, device: str) -> dict:
+    """What vectorize='auto' spends once, on a network's first batch, checking vmap against the
+    per-task loop: a fresh network's first meta-gradient minus the median of its next five (the
+    median over three networks)."""
+    batch = Episode(*(t.to(device) for t in w.batch))
+    extra, steps = [], []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        net = w.make_net().to(device)
+        times = time_call(lambda net=net: engine_meta_gradient(net, w, batch, "auto"), 0, 6)
+        later = median(times[1:])
+        extra.append(times[0] - later)
+        steps.append(later)
+    return {"check_s": median(extra), "step_s": median(steps)}
+
+
 INNER_STEP_VARIANTS = ("autograd loop", "engine loop", "engine vmap", "engine checkpoint")
 
 
@@ -413,6 +435,11 @@ def main() -> None:
         rows += new_rows
         summary = ", ".join(f"{r['variant']} {r['s_per_it'] * 1e3:.1f} ms" for r in new_rows)
         print(f"done: {w.name}: {summary}", flush=True)
+    checks = {}
+    for _, w in workloads:
+        if w.inner_steps == 1 and w.algorithm == "maml":
+            eager_vmap = vmap_pays_off(w.make_net(), torch.device(args.device))
+            checks[w.name] = vmap_check_seconds(w, args.device) if eager_vmap else None
     memory = memory_table(args.device, steps, "time")
     measured = measure_memory(args, workloads, steps)
     for row in rows:
@@ -443,8 +470,18 @@ def main() -> None:
         for variant in INNER_STEP_VARIANTS:
             columns += [(f"{variant} MiB", f"{variant} MiB", ".1f"), (f"{variant} s", "s", ".2f")]
         print_table(memory, columns)
+    print("\nvectorize='auto' (eager), first batch of a network only: the vmap-vs-loop check")
+    for name, check in checks.items():
+        if check is None:
+            print(f"  {name}: none, runs task by task on this device (vmap_pays_off)")
+            continue
+        print(
+            f"  {name}: {check['check_s'] * 1e3:.1f} ms once, "
+            f"{check['check_s'] / check['step_s']:.1f} steps of {check['step_s'] * 1e3:.1f} ms"
+        )
     print(f"\nbench wall time {time.perf_counter() - start:.0f} s")
-    write_json(args.json, {"device": args.device, "rows": rows, "memory": memory})
+    payload = {"device": args.device, "rows": rows, "memory": memory, "vmap_check": checks}
+    write_json(args.json, payload)
 
 
 if __name__ == "__main__":
