@@ -37,6 +37,8 @@ def build_cli(args: list[str] | None = None) -> LightningCLI:
         pl.LightningDataModule,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
+        # the program's name in usage lines and errors, also when run as `python -m lightning_maml`
+        parser_kwargs={"prog": "lightning-maml"},
         args=args,
     )
 

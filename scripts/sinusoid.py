@@ -166,19 +166,25 @@ def main() -> None:
             for steps in (1, 10):
                 mse, ci = mean_and_ci95(evaluate(net, k_shot, steps, args))
                 rows.append({"model": name, "K": k_shot, "steps": steps, "mse": mse, "ci95": ci})
-    print(
-        f"\nHeld-out query MSE, mean ± 95% CI over {args.eval_tasks} tasks "
-        f"({args.eval_query} query points each), after {args.iterations} meta-iterations:\n"
-    )
-    print("| model | K=5, 1 step | K=5, 10 steps | K=10, 1 step | K=10, 10 steps |")
-    print("|---|---|---|---|---|")
+    table = [
+        f"Held-out query MSE, mean ± 95% CI over {args.eval_tasks} tasks ({args.eval_query} query "
+        f"points each), after {args.iterations} meta-iterations:",
+        "",
+        "| model | K=5, 1 step | K=5, 10 steps | K=10, 1 step | K=10, 10 steps |",
+        "|---|---|---|---|---|",
+    ]
     for name in models:
         cells = [f"{r['mse']:.3f} ± {r['ci95']:.3f}" for r in rows if r["model"] == name]
-        print(f"| {name} | " + " | ".join(cells) + " |")
+        table.append(f"| {name} | " + " | ".join(cells) + " |")
+    print("\n" + "\n".join(table))
+    (out / "results.md").write_text("\n".join(table) + "\n")
     figure = out / "sinusoid_fits.png"
     plot_fits(models, args, figure)
     total = time.perf_counter() - start
-    print(f"\ntraining {train_seconds:.0f} s, total {total:.0f} s; figure: {figure}")
+    print(
+        f"\ntraining {train_seconds:.0f} s, total {total:.0f} s; table: {out / 'results.md'}, "
+        f"figure: {figure}"
+    )
     (out / "results.json").write_text(
         json.dumps(
             {

@@ -51,6 +51,16 @@ def test_console_script_runs_and_prints_the_config(tmp_path):
     assert "inner_lr: 0.01" in out.stdout
 
 
+def test_help_names_the_program_also_under_python_dash_m():
+    out = subprocess.run(
+        [sys.executable, "-m", "lightning_maml", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.startswith("usage: lightning-maml ")
+
+
 def test_cli_fit_with_the_shipped_eeg_config(tmp_path):
     pytest.importorskip("moabb")
     config = yaml.safe_load((ROOT / "configs" / "eeg.yaml").read_text())
