@@ -70,10 +70,11 @@ class MAMLModule(pl.LightningModule):
         inner_steps: inner-loop steps in training (default 1).
         eval_inner_steps: inner-loop steps in validation and test (default: ``inner_steps``).
         algorithm: ``"maml"`` (second order, default), ``"fomaml"`` (first order) or ``"reptile"``.
-        meta_lr: learning rate of the default meta-optimizer, Adam (default 1e-3; torch's fused
+        meta_lr: learning rate of the default meta-optimizer, Adam (``None``: 1e-3; torch's fused
             Adam where the parameters' device and dtype have one).
         optimizer: a callable ``params -> Optimizer`` replacing the default (in a LightningCLI
-            config: ``class_path`` and ``init_args``).
+            config: ``class_path`` and ``init_args``); its learning rate is its own, so
+            ``meta_lr`` must not be given with it.
         vectorize: ``"auto"`` (default): vmap, except for convolution networks on a CPU without
             ``compile`` (slower under vmap there), checked against the per-task loop on the first
             batch of each setting; ``"vmap"`` or ``"loop"`` to choose (see
@@ -114,7 +115,7 @@ class MAMLModule(pl.LightningModule):
         inner_steps: int = 1,
         eval_inner_steps: int | None = None,
         algorithm: str = "maml",
-        meta_lr: float = 1e-3,
+        meta_lr: float | None = None,
         optimizer: OptimizerCallable | None = None,
         vectorize: str = "auto",
         classification: bool | None = None,
@@ -141,10 +142,16 @@ class MAMLModule(pl.LightningModule):
         if vectorize not in VECTORIZE_MODES:
             raise ValueError(f"`vectorize` must be one of {VECTORIZE_MODES}, got {vectorize!r}")
         if optimizer is None:
-            check_inner_lr(meta_lr, "meta_lr", positive=True)
+            meta_lr = 1e-3 if meta_lr is None else check_inner_lr(meta_lr, "meta_lr", positive=True)
         elif not callable(optimizer):
             raise TypeError(
                 f"`optimizer` must be a callable params -> Optimizer, got {optimizer!r}"
+            )
+        elif meta_lr is not None:
+            raise ValueError(
+                f"`meta_lr={meta_lr!r}` sets the learning rate of the default Adam, which "
+                "`optimizer` replaces: set the learning rate in `optimizer` (in a config, "
+                "model.optimizer.init_args.lr) or leave `optimizer` out"
             )
         self.algorithm = algorithm
         self.vectorize = vectorize
@@ -219,7 +226,10 @@ class MAMLModule(pl.LightningModule):
         if out.initial_query_losses is not None:
             values["query_loss_before"] = out.initial_query_losses
         if self.classification:
-            correct = out.query_predictions.argmax(dim=2) == batch.query_y
+            target = batch.query_y
+            if target.is_floating_point():  # class probabilities: the most probable class
+                target = target.argmax(dim=2)
+            correct = out.query_predictions.argmax(dim=2) == target
             values["query_acc_after"] = correct.float().flatten()
         return values
 

@@ -7,6 +7,7 @@ import warnings
 import lightning.pytorch as pl
 import pytest
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from reference import unrolled_meta_loss
@@ -271,3 +272,26 @@ def test_training_runs_with_step_logging_off(trainer_kwargs):
         trainer.fit(module, data)
     assert trainer.global_step == 4
     assert not [w for w in caught if "self.log" in str(w.message)]
+
+
+def test_meta_lr_with_an_optimizer_is_refused_and_meta_lr_defaults_to_1e_3():
+    adam = functools.partial(torch.optim.Adam, lr=0.01)
+    with pytest.raises(ValueError, match=r"`meta_lr=0.005` sets the learning rate of the default"):
+        MAMLModule(MLP(), meta_lr=0.005, optimizer=adam)
+    assert MAMLModule(MLP(), optimizer=adam).configure_optimizers().defaults["lr"] == 0.01
+    assert MAMLModule(MLP()).configure_optimizers().defaults["lr"] == 1e-3
+
+
+def test_accuracy_with_class_probability_targets_counts_their_most_probable_class():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 12, 2, generator=g)
+    y = (x[..., 0] > 0).long()
+    hard = Episode(x[:, :6], y[:, :6], x[:, 6:], y[:, 6:])
+    soft = Episode(*(t if i % 2 == 0 else F.one_hot(t, 2).float() for i, t in enumerate(hard)))
+    results = []
+    for episode in (hard, soft):
+        torch.manual_seed(0)
+        module = MAMLModule(nn.Linear(2, 2), loss="cross_entropy", inner_lr=0.5)
+        (result,) = quiet_trainer().validate(module, torch.utils.data.DataLoader(TaskSet(episode)))
+        results.append(result["val/query_acc_after"])
+    assert results[0] == pytest.approx(results[1])
