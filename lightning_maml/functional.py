@@ -477,8 +477,8 @@ def _task_meta_loss(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     if track_initial_loss:
         with torch.no_grad():
-            prediction = forward(net, params, constants, query_x, vectorized)
-            initial = _scalar_loss(loss_fn, prediction, query_y)
+            before = forward(net, params, constants, query_x, vectorized)
+            initial = _scalar_loss(loss_fn, before, query_y)
     else:
         initial = query_x.new_zeros(())
     reptile = algorithm == "reptile"
@@ -716,12 +716,12 @@ def _decide_vmap(
     params: Mapping[str, Tensor],
     constants: Mapping[str, Tensor],
     batch: tuple[Tensor, ...],
+    compiled: bool,
 ) -> bool:
     """vectorize="auto": vmap for this network and setting if it pays off (:func:`vmap_pays_off`)
     and agreed with the per-task loop on the first batch (checked once, see :func:`_vmap_error`);
     a disagreement warns once."""
     decisions = _VMAP_DECISIONS.setdefault(net, {})
-    compiled = key[-1]
     if key not in decisions and not vmap_pays_off(net, batch[0].device, compiled):
         decisions[key] = False
     if key not in decisions:
@@ -971,7 +971,7 @@ def meta_loss(
         else:
             compiled = compile_mode is not None
             key = _vmap_key(net, loss_fn, algorithm, inner_steps, params, support_x, compiled)
-            vectorized = _decide_vmap(net, key, task, params, constants, batch)
+            vectorized = _decide_vmap(net, key, task, params, constants, batch, compiled)
         if compile_mode:
             # every setting `task` closes over (checkpoint is off under compile)
             key = (compile_mode, loss_fn, inner_lr, inner_steps, algorithm, vectorized)
