@@ -36,7 +36,9 @@ def build_cli(args: list[str] | None = None) -> LightningCLI:
         MAMLModule,
         pl.LightningDataModule,
         subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
+        # each run saves its config beside its logs; without a logger that is the working
+        # directory, and an earlier run's config.yaml there is refused rather than overwritten
+        save_config_kwargs={"overwrite": False},
         # the program's name in usage lines and errors, also when run as `python -m lightning_maml`
         parser_kwargs={"prog": "lightning-maml"},
         args=args,

@@ -81,3 +81,24 @@ def test_cli_fit_with_the_shipped_eeg_config(tmp_path):
     assert type(cli.datamodule.dataset).__name__ == "SyntheticMotorImagery"
     assert cli.datamodule.data["train"][0].shape[1:] == (13, 192)  # matches the EEGNet settings
     assert "val/query_acc_after" in cli.trainer.callback_metrics
+
+
+def test_a_run_without_logger_does_not_overwrite_an_earlier_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    earlier = tmp_path / "config.yaml"
+    earlier.write_text("# an earlier run's config\n")
+    args = [
+        "fit",
+        "--model.net=lightning_maml.models.MLP",
+        "--data=lightning_maml.datamodules.SinusoidDataModule",
+        "--data.meta_batch_size=2",
+        "--data.batches_per_epoch=2",
+        "--data.num_val_tasks=2",
+        "--trainer.max_steps=1",
+        "--trainer.logger=false",
+        "--trainer.enable_checkpointing=false",
+        "--trainer.enable_progress_bar=false",
+    ]
+    with pytest.raises(RuntimeError, match="config.yaml"):
+        build_cli(args)
+    assert earlier.read_text() == "# an earlier run's config\n"
