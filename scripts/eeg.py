@@ -27,22 +27,6 @@ import json
 import time
 from pathlib import Path
 
-import lightning.pytorch as pl
-import matplotlib
-import mne
-import torch
-from benchtools import cpu_trainer, mean_and_ci95
-from torch import nn
-
-from lightning_maml import Episode, MAMLModule
-from lightning_maml.datamodules import MOABBDataModule
-from lightning_maml.datamodules.synthetic_eeg import SyntheticMotorImagery
-from lightning_maml.functional import meta_loss
-from lightning_maml.models import EEGNet
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -81,6 +65,26 @@ def parse_args() -> argparse.Namespace:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     return args
+
+
+# arguments before the heavy imports below: --help and argument errors answer at once
+ARGS = parse_args() if __name__ == "__main__" else None
+
+import lightning.pytorch as pl  # noqa: E402
+import matplotlib  # noqa: E402
+import mne  # noqa: E402
+import torch  # noqa: E402
+from benchtools import cpu_trainer, mean_and_ci95  # noqa: E402
+from torch import nn  # noqa: E402
+
+from lightning_maml import Episode, MAMLModule  # noqa: E402
+from lightning_maml.datamodules import MOABBDataModule  # noqa: E402
+from lightning_maml.datamodules.synthetic_eeg import SyntheticMotorImagery  # noqa: E402
+from lightning_maml.functional import meta_loss  # noqa: E402
+from lightning_maml.models import EEGNet  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
 
 
 def make_data(args: argparse.Namespace) -> MOABBDataModule:
@@ -147,8 +151,7 @@ def accuracies(net: nn.Module, episodes: Episode, lr: float, steps: int) -> list
     return correct.float().mean(1).tolist()
 
 
-def main() -> None:
-    args = parse_args()
+def main(args: argparse.Namespace) -> None:
     mne.set_log_level("error")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -232,4 +235,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(ARGS)
