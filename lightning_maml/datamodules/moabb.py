@@ -369,8 +369,8 @@ class MOABBDataModule(pl.LightningDataModule):
             position=self._training_position,
         )
 
-    def _training_position(self) -> tuple[int, int]:
-        return training_position(getattr(self, "trainer", None), self._passes)
+    def _training_position(self, start_pass: bool) -> tuple[int, int]:
+        return training_position(getattr(self, "trainer", None), self._passes, start_pass)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.episodes("val"), batch_size=self.meta_batch_size)

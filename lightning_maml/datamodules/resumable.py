@@ -6,28 +6,33 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader
 
-Position = Callable[[], tuple[int, int]]
+# position(start_pass) -> (epoch, first batch); start_pass=False only reads it
+Position = Callable[[bool], tuple[int, int]]
 
 
-def training_position(trainer: pl.Trainer | None, passes: list[int]) -> tuple[int, int]:
-    """``(epoch, batches of it already trained on)`` for a training iterator about to start.
+def training_position(
+    trainer: pl.Trainer | None, passes: list[int], start_pass: bool = True
+) -> tuple[int, int]:
+    """``(epoch, batches of it already trained on)``, for a training pass about to start
+    (``start_pass=True``) or a checkpoint being written.
 
-    Under a fitting Trainer, both come from Lightning's loop progress, which Lightning saves in
-    every checkpoint and restores before the epoch's iterator is created: ``(e, 0)`` at the start
-    of epoch ``e``, ``(e, n)`` when a run resumes from a checkpoint taken ``n`` batches into it
-    (counted as batches enter training steps, so batches Lightning prefetched are not counted).
-    Without one, the count of passes so far (``passes`` holds it) and 0.
+    While a Trainer fits, both come from Lightning's loop progress, which Lightning saves in
+    every checkpoint and restores before a resumed run draws its first batch: ``(e, 0)`` at the
+    start of epoch ``e``, ``(e, n)`` ``n`` batches into it (counted as batches enter training
+    steps, so batches Lightning prefetched do not count). Otherwise the passes so far
+    (``passes`` holds the count, advanced by each pass started) and 0.
 
     Example::
 
-        >>> training_position(None, [0]), training_position(None, [1])
+        >>> training_position(None, [0]), training_position(None, [1], start_pass=False)
         ((0, 0), (1, 0))
     """
-    if trainer is None or not trainer.training:
+    if trainer is None or trainer.state.fn != TrainerFn.FITTING:
         epoch = passes[0]
-        passes[0] += 1
+        passes[0] += start_pass
         return epoch, 0
     return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.ready
 
@@ -40,13 +45,17 @@ class ResumableLoader(DataLoader):
     discarded, after any distributed sampler has taken its share, so each rank skips its own. A
     dataset's ``set_epoch(epoch)`` is called too.
 
+    It is a stateful loader for Lightning: ``state_dict()`` (saved in checkpoints) holds the epoch
+    and the batches of it already trained on, and after ``load_state_dict`` the first pass of that
+    epoch starts there.
+
     Workers are never persistent here: each pass starts them with the dataset as ``position``
     left it (a persistent worker keeps the copy of its first pass).
 
     Example::
 
         >>> import torch
-        >>> loader = ResumableLoader(torch.arange(6), batch_size=2, position=lambda: (0, 1))
+        >>> loader = ResumableLoader(torch.arange(6), batch_size=2, position=lambda start: (0, 1))
         >>> [b.tolist() for b in loader]
         [[2, 3], [4, 5]]
     """
@@ -59,12 +68,25 @@ class ResumableLoader(DataLoader):
             )
         super().__init__(*args, **kwargs)
         self.position = position
+        self._restored: tuple[int, int] | None = None
+
+    def state_dict(self) -> dict[str, int]:
+        epoch, batches_done = self.position(False)
+        return {"epoch": epoch, "batches_done": batches_done}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._restored = (int(state_dict["epoch"]), int(state_dict["batches_done"]))
 
     def __iter__(self) -> Iterator[Any]:
         # lazily: Lightning may create an epoch's iterator before it settles the epoch (when it
         # resumes from a checkpoint taken at an epoch's end, it re-enters that epoch, ends it and
         # draws the next epoch's batches from the same iterator)
-        epoch, first_batch = self.position()
+        epoch, first_batch = self.position(True)
+        if self._restored is not None:
+            restored_epoch, restored_first = self._restored
+            self._restored = None
+            if restored_epoch == epoch:
+                first_batch = restored_first
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)
         if hasattr(self.dataset, "set_position"):

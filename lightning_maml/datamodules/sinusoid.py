@@ -242,8 +242,8 @@ class SinusoidDataModule(pl.LightningDataModule):
             position=self._training_position,
         )
 
-    def _training_position(self) -> tuple[int, int]:
-        return training_position(getattr(self, "trainer", None), self._passes)
+    def _training_position(self, start_pass: bool) -> tuple[int, int]:
+        return training_position(getattr(self, "trainer", None), self._passes, start_pass)
 
     def _fixed_loader(self, split: str) -> DataLoader:
         return DataLoader(TaskSet(self.fixed_tasks(split)), batch_size=self.meta_batch_size)
