@@ -255,9 +255,10 @@ class MAMLModule(pl.LightningModule):
         for name, (total, count) in self._train_totals.items():
             metric = self.train_metrics[name]
             metric.update(total / count, weight=count)
-            if not self.trainer.barebones:
-                self.log(f"train/{name}_epoch", metric.compute())
-            metric.reset()
+            if self.trainer.barebones:
+                metric.reset()
+            else:  # Lightning computes it (synchronised across processes) and resets it
+                self.log(f"train/{name}_epoch", metric)
         self._train_totals.clear()
 
     def _update_metrics(self, stage: str, out: MetaLossOutput, batch: Episode) -> None:
