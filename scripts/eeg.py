@@ -50,6 +50,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="outputs/eeg")
     parser.add_argument("--no-progress-bar", action="store_true")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (default: torch's, all cores; EEGNet's convolutions use "
+        "them, but on cores another process shares, 1 is faster)",
+    )
     args = parser.parse_args()
     args.k_shots = [int(k) for k in args.k_shots.split(",")]
     if not 1 <= args.test_subjects < args.subjects:
@@ -152,6 +159,8 @@ def accuracies(net: nn.Module, episodes: Episode, lr: float, steps: int) -> list
 
 
 def main(args: argparse.Namespace) -> None:
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     mne.set_log_level("error")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

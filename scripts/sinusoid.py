@@ -52,6 +52,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", default="outputs/sinusoid")
     parser.add_argument("--no-progress-bar", action="store_true")
     parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: the MLP's small matrices gain nothing from more, "
+        "and more collapse when another process shares the cores)",
+    )
+    parser.add_argument(
         "--compile",
         action="store_true",
         help="meta-train with MAMLModule(compile=True) (torch.compile; needs a C++ compiler)",
@@ -152,6 +159,7 @@ def plot_fits(models: dict[str, MLP], args: argparse.Namespace, path: Path) -> N
 
 def main() -> None:
     args = parse_args()
+    torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
