@@ -77,12 +77,15 @@ def parse_args() -> argparse.Namespace:
 # arguments before the heavy imports below: --help and argument errors answer at once
 ARGS = parse_args() if __name__ == "__main__" else None
 
+import math  # noqa: E402
+
 import lightning.pytorch as pl  # noqa: E402
 import matplotlib  # noqa: E402
 import mne  # noqa: E402
 import torch  # noqa: E402
 from benchtools import cpu_trainer, mean_and_ci95  # noqa: E402
 from torch import nn  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 from lightning_maml import Episode, MAMLModule  # noqa: E402
 from lightning_maml.datamodules import MOABBDataModule  # noqa: E402
@@ -165,6 +168,7 @@ def main(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    print(f"loading {args.subjects} synthetic subjects through MOABB ...", flush=True)
     data = make_data(args)
     data.prepare_data()
     data.setup("fit")
@@ -175,6 +179,13 @@ def main(args: argparse.Namespace) -> None:
     train_seconds = time.perf_counter() - start - load_seconds
 
     rows = []
+    chunk = 8  # test episodes per call: the progress bar moves every few seconds
+    chunks = math.ceil(args.episodes / chunk)
+    progress = tqdm(
+        total=len(args.k_shots) * len(models) * chunks,
+        desc="evaluating",
+        disable=args.no_progress_bar,
+    )
     for k in args.k_shots:
         test = data.episodes("test", args.episodes, seed=10_000 + k, k_shot=k)
         episodes = Episode(*(torch.stack(parts) for parts in zip(*test)))
@@ -184,10 +195,17 @@ def main(args: argparse.Namespace) -> None:
                 if name == "scratch"
                 else (args.inner_lr, args.eval_steps)
             )
+            progress.set_postfix_str(f"K={k}, {name}")
             tic = time.perf_counter()
-            accuracy, ci = mean_and_ci95(accuracies(net, episodes, lr, steps))
+            per_episode = []
+            for start_index in range(0, args.episodes, chunk):
+                part = Episode(*(t[start_index : start_index + chunk] for t in episodes))
+                per_episode += accuracies(net, part, lr, steps)
+                progress.update()
+            accuracy, ci = mean_and_ci95(per_episode)
             seconds = time.perf_counter() - tic
             rows.append({"model": name, "K": k, "accuracy": accuracy, "ci95": ci, "s": seconds})
+    progress.close()
     total = time.perf_counter() - start
 
     chance = 1 / args.classes
