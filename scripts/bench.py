@@ -53,7 +53,14 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from benchtools import median, print_table, rss_peak_rise_mib, time_call, write_json
+from benchtools import (
+    median,
+    print_table,
+    quiet_lightning_info,
+    rss_peak_rise_mib,
+    time_call,
+    write_json,
+)
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader
@@ -390,6 +397,7 @@ def measure_memory(args: argparse.Namespace, workloads: list, steps: list[int]) 
 
 
 def main() -> None:
+    quiet_lightning_info()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--iterations", type=int, default=20)

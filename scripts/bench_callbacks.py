@@ -13,7 +13,7 @@ import argparse
 import time
 
 import lightning.pytorch as pl
-from benchtools import cpu_trainer, print_table, write_json
+from benchtools import cpu_trainer, print_table, quiet_lightning_info, write_json
 
 from lightning_maml import MAMLModule
 from lightning_maml.callbacks import MetaGradientCheck, MetaGradientLogger
@@ -44,6 +44,7 @@ def run(callbacks: list, steps: int) -> float:
 
 
 def main() -> None:
+    quiet_lightning_info()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--json", default="outputs/bench_callbacks.json")

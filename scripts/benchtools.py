@@ -4,6 +4,7 @@ confidence intervals, tables and JSON."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import statistics
 import time
@@ -12,6 +13,12 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+
+
+def quiet_lightning_info() -> None:
+    """Leave Lightning's information lines (accelerator banners and tips, printed for every
+    Trainer, 'max_steps reached') out of a script's output; its warnings stay."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
 
 
 def time_call(fn: Callable[[], object], warmup: int = 5, iterations: int = 20) -> list[float]:

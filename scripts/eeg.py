@@ -83,7 +83,7 @@ import lightning.pytorch as pl  # noqa: E402
 import matplotlib  # noqa: E402
 import mne  # noqa: E402
 import torch  # noqa: E402
-from benchtools import cpu_trainer, mean_and_ci95  # noqa: E402
+from benchtools import cpu_trainer, mean_and_ci95, quiet_lightning_info  # noqa: E402
 from torch import nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -162,6 +162,7 @@ def accuracies(net: nn.Module, episodes: Episode, lr: float, steps: int) -> list
 
 
 def main(args: argparse.Namespace) -> None:
+    quiet_lightning_info()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     mne.set_log_level("error")

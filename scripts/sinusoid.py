@@ -23,7 +23,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import matplotlib
 import torch
-from benchtools import cpu_trainer, mean_and_ci95
+from benchtools import cpu_trainer, mean_and_ci95, quiet_lightning_info
 
 from lightning_maml import MAMLModule
 from lightning_maml.datamodules import SinusoidDataModule, sample_sinusoid_tasks
@@ -158,6 +158,7 @@ def plot_fits(models: dict[str, MLP], args: argparse.Namespace, path: Path) -> N
 
 
 def main() -> None:
+    quiet_lightning_info()
     args = parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
