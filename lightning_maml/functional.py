@@ -315,8 +315,54 @@ def forward(
                 [1.],
                 [1.]])
     """
+    state = (dict(params), dict(constants))
     with exact_normalization(vectorized):
-        return functional_call(net, (dict(params), dict(constants)), (x,))
+        try:
+            return functional_call(net, state, (x,))
+        except RuntimeError as error:
+            if vectorized:
+                raise  # under vmap: the per-task run that follows names the layer
+            failing = _failing_layer(net, state, x)
+            if failing is None:
+                raise
+            raise RuntimeError(
+                f"{type(net).__name__} cannot run on this task's data: {failing} ({error})"
+            ) from error
+
+
+def _failing_layer(
+    net: nn.Module, state: tuple[dict[str, Tensor], dict[str, Tensor]], x: Tensor
+) -> str | None:
+    """Run ``net`` again with a pre-hook on every submodule and say which innermost one was
+    entered last before the error, with the shapes of its tensor inputs."""
+    entered: list[tuple[str, nn.Module, list[tuple[int, ...]]]] = []
+
+    def record(name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            shapes = [tuple(a.shape) for a in args if isinstance(a, Tensor)]
+            entered.append((name, module, shapes))
+
+        return hook
+
+    handles = [
+        module.register_forward_pre_hook(record(name))
+        for name, module in net.named_modules()
+        if name and not list(module.children())
+    ]
+    try:
+        functional_call(net, state, (x,))
+    except RuntimeError:
+        pass
+    else:
+        return None
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not entered:
+        return None
+    name, module, shapes = entered[-1]
+    shown = ", ".join(str(s) for s in shapes) or "no tensor"
+    return f"layer `{name}` ({module}) failed on input of shape {shown}"
 
 
 @contextmanager

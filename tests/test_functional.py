@@ -628,3 +628,19 @@ def test_a_frozen_network_and_a_non_positive_inner_lr_are_refused():
     for lr in (0.0, -0.5):
         with pytest.raises(ValueError, match=f"`inner_lr` must be a finite number > 0, got {lr}"):
             meta_loss(tanh_mlp(), "mse", *regression_tasks(), inner_lr=lr)
+
+
+@pytest.mark.parametrize("vectorize", ["auto", "loop"])
+def test_a_network_that_cannot_take_the_data_is_named_with_its_layer_and_shapes(vectorize):
+    net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "vmap failed" warning: the error is the user's
+        with pytest.raises(RuntimeError) as info:
+            meta_loss(net, "mse", *regression_tasks(), inner_lr=0.1, vectorize=vectorize)
+    message = str(info.value)
+    assert "Sequential cannot run on this task's data: layer `0`" in message
+    assert (
+        "Linear(in_features=3, out_features=8" in message and "input of shape (6, 1)" in message
+    )  # the query set, first
+    assert "mat1 and mat2 shapes cannot be multiplied" in message
+    assert uses_vmap(net, "maml", "auto")  # nothing remembered
