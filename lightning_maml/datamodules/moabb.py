@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_maml.datamodules.episodic import EpisodeSampler, EpisodicDataset
-from lightning_maml.datamodules.resumable import ResumableLoader, training_position
+from lightning_maml.datamodules.resumable import ResumableLoader
 from lightning_maml.functional import check_count
 
 
@@ -238,7 +238,6 @@ class MOABBDataModule(pl.LightningDataModule):
             cache_dir = str(Path(mne_data_folder()) / "lightning_maml")
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.classes: list[str] = []
-        self._passes = [0]  # training passes outside a Trainer
         self.data: dict[str, tuple[torch.Tensor, torch.Tensor, np.ndarray]] = {}
 
     def _split(self, train, val, test, val_fraction, test_fraction, seed) -> dict[str, list[int]]:
@@ -366,11 +365,8 @@ class MOABBDataModule(pl.LightningDataModule):
             batch_size=self.meta_batch_size,
             sampler=EpisodeSampler(episodes, seed=self.seed),
             num_workers=self.num_workers,
-            position=self._training_position,
+            trainer_fn=lambda: self.trainer,
         )
-
-    def _training_position(self, start_pass: bool) -> tuple[int, int]:
-        return training_position(getattr(self, "trainer", None), self._passes, start_pass)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.episodes("val"), batch_size=self.meta_batch_size)

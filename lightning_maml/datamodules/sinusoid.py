@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from lightning_maml.datamodules.resumable import ResumableLoader, training_position
+from lightning_maml.datamodules.resumable import ResumableLoader
 from lightning_maml.episode import Episode
 from lightning_maml.functional import check_count
 
@@ -220,7 +220,6 @@ class SinusoidDataModule(pl.LightningDataModule):
             "x_range": tuple(x_range),
         }
         self.num_tasks = {_VAL: num_val_tasks, _TEST: num_test_tasks}
-        self._passes = [0]  # training passes outside a Trainer
 
     def fixed_tasks(self, split: str) -> Episode:
         """The fixed ``"val"`` or ``"test"`` task set as one batched :class:`Episode`."""
@@ -239,11 +238,8 @@ class SinusoidDataModule(pl.LightningDataModule):
             stream,
             batch_size=None,
             num_workers=self.num_workers,
-            position=self._training_position,
+            trainer_fn=lambda: self.trainer,
         )
-
-    def _training_position(self, start_pass: bool) -> tuple[int, int]:
-        return training_position(getattr(self, "trainer", None), self._passes, start_pass)
 
     def _fixed_loader(self, split: str) -> DataLoader:
         return DataLoader(TaskSet(self.fixed_tasks(split)), batch_size=self.meta_batch_size)
