@@ -14,8 +14,9 @@ from lightning_maml.datamodules import SinusoidDataModule
 from lightning_maml.models import MLP
 
 
-def _fit(folder, make_data, max_steps, ckpt=None, **trainer_kwargs):
-    """Fit from scratch (or from ``ckpt``), checkpointing every 10 steps and at the end."""
+def _fit(folder, make_data, max_steps, ckpt=None, make_module=None, **trainer_kwargs):
+    """Fit ``make_module()`` (default: MAML on the MLP) from scratch (or from ``ckpt``),
+    checkpointing every 10 steps and at the end."""
     torch.manual_seed(0)
     callbacks = [
         ModelCheckpoint(dirpath=folder, every_n_train_steps=10, save_top_k=-1, save_last=True)
@@ -31,7 +32,8 @@ def _fit(folder, make_data, max_steps, ckpt=None, **trainer_kwargs):
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer.fit(MAMLModule(MLP()), make_data(), ckpt_path=ckpt)
+        module = make_module() if make_module is not None else MAMLModule(MLP())
+        trainer.fit(module, make_data(), ckpt_path=ckpt)
     # Lightning finds the loader resumable (it warns about loaders without state_dict)
     assert not [w for w in caught if "not resumable" in str(w.message)]
     return folder
@@ -103,23 +105,13 @@ def test_episodic_eeg_resume_continues_the_same_episodes(tmp_path):
             cache_dir=str(tmp_path / "cache"),
         )
 
-    def net():
-        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 96, 2))
+    def module():
+        net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 96, 2))
+        return MAMLModule(net, loss="cross_entropy", inner_lr=0.1)
 
-    def fit(folder, ckpt=None):
-        torch.manual_seed(0)
-        checkpoints = ModelCheckpoint(
-            dirpath=folder, every_n_train_steps=10, save_top_k=-1, save_last=True
-        )
-        trainer = quiet_trainer(
-            max_steps=30, limit_val_batches=0, enable_checkpointing=True, callbacks=[checkpoints]
-        )
-        module = MAMLModule(net(), loss="cross_entropy", inner_lr=0.1)
-        trainer.fit(module, data(), ckpt_path=ckpt)
-        return folder
-
-    whole = fit(tmp_path / "whole")
-    _assert_same_final_state(whole, fit(tmp_path / "resumed", _checkpoint(whole, 20)))
+    whole = _fit(tmp_path / "whole", data, 30, make_module=module)
+    resumed = _fit(tmp_path / "resumed", data, 30, _checkpoint(whole, 20), make_module=module)
+    _assert_same_final_state(whole, resumed)
 
 
 def test_ddp_resume_continues_the_same_task_stream(tmp_path):
