@@ -9,6 +9,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningCLI
 
+from lightning_maml.distributed import end_process_group
 from lightning_maml.module import MAMLModule
 
 
@@ -48,6 +49,7 @@ def build_cli(args: list[str] | None = None) -> LightningCLI:
 def main() -> None:
     """Entry point of the ``lightning-maml`` console script and ``python -m lightning_maml``."""
     build_cli()
+    end_process_group()  # under DDP on CPU, see end_process_group
 
 
 if __name__ == "__main__":
