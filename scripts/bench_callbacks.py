@@ -37,7 +37,7 @@ def run(callbacks: list, steps: int) -> float:
     pl.seed_everything(0, verbose=False)
     module = MAMLModule(MLP(), inner_lr=0.01, inner_steps=1)
     data = SinusoidDataModule(meta_batch_size=25, batches_per_epoch=steps)
-    trainer = cpu_trainer(steps, callbacks=callbacks)
+    trainer = cpu_trainer(steps, steps, callbacks=callbacks)
     start = time.perf_counter()
     trainer.fit(module, data)
     return steps / (time.perf_counter() - start)

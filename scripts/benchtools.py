@@ -8,6 +8,7 @@ import logging
 import math
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,8 +18,16 @@ import torch
 
 def quiet_lightning_info() -> None:
     """Leave Lightning's information lines (accelerator banners and tips, printed for every
-    Trainer, 'max_steps reached') out of a script's output; its warnings stay."""
+    Trainer, 'max_steps reached') out of a script's output, and two warnings that do not apply
+    to these scripts; other warnings stay.
+
+    The two: Lightning's caution that an ``IterableDataset`` with ``__len__`` may yield duplicates
+    across DataLoader workers (the task streams split their batches between workers, so their
+    lengths are exact), and torch's deprecation of ``LeafSpec``, raised inside Lightning.
+    """
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
+    warnings.filterwarnings("ignore", message=r".*LeafSpec", category=FutureWarning)
 
 
 def time_call(fn: Callable[[], object], warmup: int = 5, iterations: int = 20) -> list[float]:
@@ -33,12 +42,19 @@ def time_call(fn: Callable[[], object], warmup: int = 5, iterations: int = 20) -
     return times
 
 
-def cpu_trainer(max_steps: int, progress_bar: bool = False, **kwargs: object) -> pl.Trainer:
-    """One-process CPU Trainer for the experiment scripts: no validation, logger or checkpoints."""
+def cpu_trainer(
+    max_steps: int, batches_per_epoch: int, progress_bar: bool = False, **kwargs: object
+) -> pl.Trainer:
+    """One-process CPU Trainer for the experiment scripts: no validation, logger or checkpoints.
+
+    ``max_epochs`` is set to the epochs that ``max_steps`` spans, so that the progress bar reads
+    "Epoch 2/9" (Lightning 2.6's rich bar prints "Epoch 2/-2" when only ``max_steps`` is set).
+    """
     return pl.Trainer(
         accelerator="cpu",
         devices=1,
         max_steps=max_steps,
+        max_epochs=math.ceil(max_steps / batches_per_epoch),
         limit_val_batches=0,
         logger=False,
         enable_checkpointing=False,

@@ -139,7 +139,9 @@ def train(data: MOABBDataModule, inner_steps: int, args: argparse.Namespace) -> 
         inner_steps=inner_steps,
         meta_lr=args.meta_lr,
     )
-    cpu_trainer(args.meta_steps, progress_bar=not args.no_progress_bar).fit(module, data)
+    batches_per_epoch = -(-data.episodes_per_epoch // data.meta_batch_size)
+    trainer = cpu_trainer(args.meta_steps, batches_per_epoch, progress_bar=not args.no_progress_bar)
+    trainer.fit(module, data)
     return net.eval()
 
 

@@ -88,7 +88,10 @@ def train(inner_steps: int, args: argparse.Namespace) -> MLP:
         batches_per_epoch=min(args.iterations, 1000),
         seed=args.seed,
     )
-    cpu_trainer(args.iterations, progress_bar=not args.no_progress_bar).fit(module, data)
+    trainer = cpu_trainer(
+        args.iterations, data.batches_per_epoch, progress_bar=not args.no_progress_bar
+    )
+    trainer.fit(module, data)
     return net
 
 
