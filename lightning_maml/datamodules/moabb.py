@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from lightning_maml._checks import check_count
 from lightning_maml.datamodules.episodic import EpisodeSampler, EpisodicDataset
 from lightning_maml.datamodules.resumable import ResumableLoader
-from lightning_maml.functional import check_count
 
 
 def _resolve(value: Any, module_name: str, kwargs: dict | None, argument: str) -> Any:
@@ -118,6 +118,19 @@ def _read_cache(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
             return x, y
     warnings.warn(f"cache file {path} is {problem}; rebuilding it", stacklevel=3)
     return None
+
+
+def _folders(root: Path) -> set[Path]:
+    return {p for p in root.rglob("*") if p.is_dir()} if root.is_dir() else set()
+
+
+def _remove_new_empty_folders(root: Path, before: set[Path]) -> None:
+    """Remove the folders under ``root`` that a failed download created and left empty."""
+    for folder in sorted(_folders(root) - before, key=lambda p: len(p.parts), reverse=True):
+        try:
+            folder.rmdir()  # only if empty
+        except OSError:
+            pass
 
 
 def mne_data_folder() -> str:
@@ -285,6 +298,8 @@ class MOABBDataModule(pl.LightningDataModule):
             cached = _read_cache(path)
             if cached is not None:
                 return cached
+        data_folder = Path(mne_data_folder())
+        folders_before = _folders(data_folder)
         try:
             x, y, _ = self.paradigm.get_data(dataset=self.dataset, subjects=[subject])
         except Exception as error:  # MNE/MOABB raise many kinds
@@ -292,12 +307,16 @@ class MOABBDataModule(pl.LightningDataModule):
                 f"could not load subject {subject} of {self.dataset.code} through "
                 f"{type(self.paradigm).__name__}.get_data ({type(error).__name__}: {error})."
             )
-            if _download_error(error):
-                message += (
-                    f" Without network access the files must already be in the MNE data folder "
-                    f"{mne_data_folder()!r} (set MNE_DATA to change it)."
-                )
-            raise RuntimeError(message) from error
+            if not _download_error(error):
+                raise RuntimeError(message) from error
+            _remove_new_empty_folders(data_folder, folders_before)
+            message += (
+                f" Without network access the files must already be in the MNE data folder "
+                f"{str(data_folder)!r} (set MNE_DATA to change it); offline, "
+                "MOABB_DOWNLOAD_PROVIDER=upstream also skips MOABB's retries of its mirror."
+            )
+            # the message says it all: not the chain of retries and connection errors below it
+            raise RuntimeError(message) from None
         x, y = x.astype(np.float32), np.asarray(y).astype(str)
         if path is not None:
             _write_cache(path, x, y)

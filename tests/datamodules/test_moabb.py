@@ -290,3 +290,27 @@ def test_the_data_folder_hint_is_given_for_download_errors_only(tmp_path, monkey
             dm.load_subject(1)
         assert ("Without network access" in str(info.value)) == hint, str(info.value)
         assert str(cause) in str(info.value)
+
+
+def test_a_failed_download_leaves_no_empty_folders_and_one_short_error(tmp_path, monkeypatch):
+    import requests
+
+    data_folder = tmp_path / "mne_data"
+    (data_folder / "kept").mkdir(parents=True)  # there before: stays, even though empty
+    monkeypatch.setenv("MNE_DATA", str(data_folder))
+    dm = _module(tmp_path, cache_dir=None)
+
+    def fail(*args, **kwargs):
+        (data_folder / "MNE-x-data" / "files" / "S001").mkdir(parents=True)
+        (data_folder / "partial").mkdir()
+        (data_folder / "partial" / "file.edf").write_text("")  # not empty: kept
+        try:
+            raise TimeoutError("read timed out")
+        except TimeoutError as inner:
+            raise requests.exceptions.ConnectionError("Max retries exceeded") from inner
+
+    monkeypatch.setattr(dm.paradigm, "get_data", fail)
+    with pytest.raises(RuntimeError, match="Max retries exceeded.*MNE data folder") as info:
+        dm.load_subject(1)
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+    assert sorted(p.name for p in data_folder.iterdir()) == ["kept", "partial"]
