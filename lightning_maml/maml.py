@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_maml.functional import check_inner_lr
+from lightning_maml._checks import check_inner_lr
 
 
 def clone_module(module: nn.Module) -> nn.Module:

@@ -1,4 +1,4 @@
-"""``MAMLModule``: meta-train any ``nn.Module`` with MAML, first-order MAML or Reptile."""
+"""``MAMLModule``: meta-train any ``nn.Module`` with an algorithm of the MAML family."""
 
 from __future__ import annotations
 
@@ -11,19 +11,27 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from lightning_maml.episode import Episode
-from lightning_maml.functional import (
-    ALGORITHMS,
-    VECTORIZE_MODES,
-    MetaLossOutput,
+from lightning_maml._checks import (
     check_checkpointing,
     check_compile,
     check_inner_lr,
     check_inner_steps,
+    check_vectorize,
+)
+from lightning_maml.episode import Episode
+from lightning_maml.functional import (
+    Algorithm,
+    Executor,
+    MetaLossOutput,
     meta_loss,
+    resolve_algorithm,
     resolve_loss,
     split_parameters,
 )
+from lightning_maml.functional.meta_loss import AlgorithmName, Vectorize
+
+#: the prefix of an algorithm's learned tensors in :meth:`MAMLModule.meta_parameters`
+ALGORITHM_PREFIX = "algorithm."
 
 
 def as_episode(batch: Any) -> Episode:
@@ -69,7 +77,13 @@ class MAMLModule(pl.LightningModule):
             adaptation.
         inner_steps: inner-loop steps in training (default 1).
         eval_inner_steps: inner-loop steps in validation and test (default: ``inner_steps``).
-        algorithm: ``"maml"`` (second order, default), ``"fomaml"`` (first order) or ``"reptile"``.
+        algorithm: ``"maml"`` (second order, default), ``"fomaml"`` (first order),
+            ``"reptile"``, ``"anil"`` (the last layer adapts), ``"metasgd"`` (learned
+            per-parameter inner step sizes), ``"maml++"`` (learned per-layer per-step step sizes,
+            multi-step loss), or an :class:`~lightning_maml.functional.algorithms.Algorithm`
+            object for other settings (e.g. ``ANIL(head=["classifier.*"])``). Learned step sizes
+            are initialised to ``inner_lr`` and meta-trained with ``net`` (they are this module's
+            parameters, under ``algorithm.``).
         meta_lr: learning rate of the default meta-optimizer, Adam (``None``: 1e-3; torch's fused
             Adam where the parameters' device and dtype have one).
         optimizer: a callable ``params -> Optimizer`` replacing the default (in a LightningCLI
@@ -114,10 +128,10 @@ class MAMLModule(pl.LightningModule):
         inner_lr: float = 0.01,
         inner_steps: int = 1,
         eval_inner_steps: int | None = None,
-        algorithm: str = "maml",
+        algorithm: AlgorithmName | Algorithm = "maml",
         meta_lr: float | None = None,
         optimizer: OptimizerCallable | None = None,
-        vectorize: str = "auto",
+        vectorize: Vectorize = "auto",
         classification: bool | None = None,
         track_initial_loss: bool = True,
         compile: bool | str = False,
@@ -137,10 +151,9 @@ class MAMLModule(pl.LightningModule):
         self.eval_inner_steps = check_inner_steps(
             self.inner_steps if eval_inner_steps is None else eval_inner_steps, "eval_inner_steps"
         )
-        if algorithm not in ALGORITHMS:
-            raise ValueError(f"`algorithm` must be one of {ALGORITHMS}, got {algorithm!r}")
-        if vectorize not in VECTORIZE_MODES:
-            raise ValueError(f"`vectorize` must be one of {VECTORIZE_MODES}, got {vectorize!r}")
+        algorithm_object = resolve_algorithm(algorithm)
+        algorithm_object.bind(split_parameters(net)[0], self.inner_lr, self.inner_steps)
+        check_vectorize(vectorize)
         if optimizer is None:
             meta_lr = 1e-3 if meta_lr is None else check_inner_lr(meta_lr, "meta_lr", positive=True)
         elif not callable(optimizer):
@@ -153,7 +166,6 @@ class MAMLModule(pl.LightningModule):
                 "`optimizer` replaces: set the learning rate in `optimizer` (in a config, "
                 "model.optimizer.init_args.lr) or leave `optimizer` out"
             )
-        self.algorithm = algorithm
         self.vectorize = vectorize
         self.meta_lr = meta_lr
         self.optimizer = optimizer
@@ -164,8 +176,12 @@ class MAMLModule(pl.LightningModule):
         )
         self.classification = loss == "cross_entropy" if classification is None else classification
         ignore = ["net", "optimizer"] + ([] if isinstance(loss, str) else ["loss"])
+        ignore += [] if isinstance(algorithm, str) else ["algorithm"]
         self.save_hyperparameters(ignore=ignore)
         self.net = net
+        self.algorithm = algorithm_object
+        #: what this module's meta-losses remember between batches (vmap decisions, compiled code)
+        self.executor = Executor()
         self.last_meta_output: MetaLossOutput | None = None
         # per-epoch (sum, count) of the training values; folded into train_metrics at epoch end
         self._train_totals: dict[str, tuple[Tensor, int]] = {}
@@ -186,34 +202,46 @@ class MAMLModule(pl.LightningModule):
         """Run the meta-loss of a batch of tasks and return everything it computes.
 
         With ``train=False`` the adaptation is evaluated without a graph to the parameters (as in
-        validation and test).
+        validation and test): first order, from detached parameters and learned step sizes.
         """
         episode = as_episode(batch)
         steps = self.inner_steps if inner_steps is None else inner_steps
-        params = None
+        algorithm, params, learned = self.algorithm, None, None
         if not train:  # plain adaptation from detached parameters
+            algorithm = self.algorithm.with_order(first_order=True)
             params = {name: p.detach() for name, p in split_parameters(self.net)[0].items()}
+            learned = {name: t.detach() for name, t in self.algorithm.learned().items()}
         return meta_loss(
             self.net,
             self.loss_fn,
             *episode,
             inner_lr=self.inner_lr,
             inner_steps=steps,
-            algorithm=self.algorithm if train else "fomaml",
+            algorithm=algorithm,
             vectorize=self.vectorize,
             params=params,
             track_initial_loss=self.track_initial_loss or not train,
             compile=self.compile_meta_gradient if train else False,
             checkpoint_inner_steps=self.checkpoint_inner_steps and train,
+            epoch=self.current_epoch,
+            learned=learned,
+            executor=self.executor,
         )
 
+    def meta_parameters(self) -> dict[str, Tensor]:
+        """Everything the meta-update trains: ``net``'s trainable parameters (by their names in
+        ``net``) and the algorithm's learned tensors (under ``algorithm.``)."""
+        named = dict(split_parameters(self.net)[0])
+        named.update({ALGORITHM_PREFIX + n: t for n, t in self.algorithm.learned().items()})
+        return named
+
     def meta_gradient(self) -> dict[str, Tensor]:
-        """The gradient held by ``net``'s trainable parameters (zeros where there is none): after
-        the backward of a training step, the meta-gradient the optimizer applies next (DDP-averaged,
+        """The gradient held by :meth:`meta_parameters` (zeros where there is none): after the
+        backward of a training step, the meta-gradient the optimizer applies next (DDP-averaged,
         before clipping). Read by the callbacks."""
         return {
             name: (p.grad if p.grad is not None else torch.zeros_like(p)).detach()
-            for name, p in split_parameters(self.net)[0].items()
+            for name, p in self.meta_parameters().items()
         }
 
     def meta_loss(self, batch: Any) -> Tensor:
@@ -291,9 +319,11 @@ class MAMLModule(pl.LightningModule):
         self._evaluate(batch, "test")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
+        # the network's parameters and the algorithm's learned step sizes, if any
+        params = [*self.net.parameters(), *self.algorithm.parameters()]
         if self.optimizer is not None:
-            return self.optimizer(self.net.parameters())
+            return self.optimizer(params)
         try:  # the fused kernel: one call per step instead of a Python loop over parameters
-            return torch.optim.Adam(self.net.parameters(), lr=self.meta_lr, fused=True)
+            return torch.optim.Adam(params, lr=self.meta_lr, fused=True)
         except (RuntimeError, TypeError, ValueError):  # device or dtype without a fused Adam
-            return torch.optim.Adam(self.net.parameters(), lr=self.meta_lr)
+            return torch.optim.Adam(params, lr=self.meta_lr)

@@ -11,14 +11,14 @@ from tasks import image_tasks, regression_tasks, small_conv_net, tanh_mlp
 from torch import nn
 from torch.func import functional_call
 
-from lightning_maml import functional
+from lightning_maml.functional import execution
+from lightning_maml.functional.execution import executor_of
 from lightning_maml.functional import (
     adapt_parameters,
     check_compile,
     meta_loss,
     mse_loss,
     sgd_step,
-    uses_vmap,
 )
 
 
@@ -487,8 +487,8 @@ def test_auto_checks_vmap_against_the_loop_once_and_catches_a_wrong_batching_rul
     forced = meta_loss(net, "mse", *tasks, inner_lr=0.1, vectorize="vmap")
     assert (forced.query_losses - loop.query_losses).abs().max() > 1e-3 or correct_rule
     checks = []
-    original = functional._vmap_error
-    monkeypatch.setattr(functional, "_vmap_error", lambda *a: checks.append(1) or original(*a))
+    original = execution.vmap_error
+    monkeypatch.setattr(execution, "vmap_error", lambda *a: checks.append(1) or original(*a))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         first = meta_loss(net, "mse", *tasks, inner_lr=0.1)
@@ -501,7 +501,7 @@ def test_auto_checks_vmap_against_the_loop_once_and_catches_a_wrong_batching_rul
     else:
         assert len(messages) == 1 and "does not reproduce the per-task computation" in messages[0]
         assert "_CenteredNet" in messages[0] and "vectorize='loop'" in messages[0]
-        assert not uses_vmap(net, "maml", "auto")
+        assert not executor_of(net).uses_vmap("maml", "auto")
     torch.testing.assert_close(first.query_losses, loop.query_losses, rtol=1e-10, atol=1e-12)
 
 
@@ -528,7 +528,7 @@ def test_a_data_error_raises_and_leaves_vmap_on():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         out = meta_loss(net, "cross_entropy", sx, sy, qx, qy, inner_lr=0.1)
-    assert out.vectorized and uses_vmap(net, "maml", "auto")
+    assert out.vectorized and executor_of(net).uses_vmap("maml", "auto")
     with pytest.raises(IndexError, match="out of bounds"):  # after the check too
         meta_loss(net, "cross_entropy", sx, sy, qx, qy + 5, inner_lr=0.1)
     assert meta_loss(net, "cross_entropy", sx, sy, qx, qy, inner_lr=0.1).vectorized
@@ -593,8 +593,8 @@ def test_loop_path_loss_refuses_a_second_derivative():
 def test_auto_runs_convolution_networks_task_by_task_on_the_cpu():
     net = small_conv_net()
     out = meta_loss(net.double(), "cross_entropy", *image_tasks(), inner_lr=0.1)
-    assert not out.vectorized and not uses_vmap(net, "maml", "auto")
-    assert uses_vmap(net, "maml", "vmap")
+    assert not out.vectorized and not executor_of(net).uses_vmap("maml", "auto")
+    assert executor_of(net).uses_vmap("maml", "vmap")
     assert meta_loss(
         net, "cross_entropy", *image_tasks(), inner_lr=0.1, vectorize="vmap"
     ).vectorized
@@ -643,4 +643,4 @@ def test_a_network_that_cannot_take_the_data_is_named_with_its_layer_and_shapes(
         "Linear(in_features=3, out_features=8" in message and "input of shape (6, 1)" in message
     )  # the query set, first
     assert "mat1 and mat2 shapes cannot be multiplied" in message
-    assert uses_vmap(net, "maml", "auto")  # nothing remembered
+    assert executor_of(net).uses_vmap("maml", "auto")  # nothing remembered

@@ -199,7 +199,7 @@ def test_invalid_module_arguments_are_refused_at_construction():
         with pytest.raises(ValueError, match=f"`inner_lr` must be a finite number > 0, got {lr}"):
             MAMLModule(MLP(), inner_lr=lr)
     with pytest.raises(ValueError, match="`algorithm` must be one of"):
-        MAMLModule(MLP(), algorithm="anil")
+        MAMLModule(MLP(), algorithm="sgd")
     with pytest.raises(ValueError, match="`meta_lr` must be a finite number > 0, got 0.0"):
         MAMLModule(MLP(), meta_lr=0.0)
     frozen = MLP().requires_grad_(False)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -14,89 +13,29 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
-from torch.func import functional_call
 
+from lightning_maml._checks import check_count
 from lightning_maml.episode import Episode
-from lightning_maml.functional import (
-    LossFn,
-    adapt_parameters,
-    check_count,
-    split_parameters,
-    task_batch_norm,
-)
-from lightning_maml.module import MAMLModule, as_episode
+from lightning_maml.functional import meta_objective, split_parameters
+from lightning_maml.module import ALGORITHM_PREFIX, MAMLModule, as_episode
 
 
 class MetaGradientMismatch(AssertionError):
     """Raised by :class:`MetaGradientCheck` when the gradient disagrees with finite differences."""
 
 
-def adapt_tasks(
-    net: nn.Module,
-    params: Mapping[str, Tensor],
-    loss_fn: LossFn,
-    batch: Episode,
-    inner_lr: float,
-    inner_steps: int,
-) -> list[dict[str, Tensor]]:
-    """The adapted parameters of each task of ``batch`` (values only, no graph), one by one."""
-    params, constants = split_parameters(net, params)
-    params = {k: v.detach() for k, v in params.items()}
-    with task_batch_norm(net), torch.enable_grad():
-        return [
-            adapt_parameters(
-                net,
-                params,
-                constants,
-                loss_fn,
-                batch.support_x[t],
-                batch.support_y[t],
-                inner_lr,
-                inner_steps,
-                first_order=True,
-            )
-            for t in range(batch.support_x.shape[0])
-        ]
-
-
-def reference_meta_objective(
-    net: nn.Module,
-    params: Mapping[str, Tensor],
-    loss_fn: LossFn,
-    batch: Episode,
-    inner_lr: float,
-    inner_steps: int,
-    displacements: list[dict[str, Tensor]] | None = None,
-) -> Tensor:
-    """The MAML meta-objective, mean over tasks of the query loss after ``inner_steps`` SGD steps,
-    evaluated task by task (values only).
-
-    With ``displacements`` (one ``adapted - initial`` dict per task) the adaptation is replaced by
-    that fixed displacement: the objective whose gradient is the first-order MAML meta-gradient.
-    """
-    if displacements is None:
-        adapted = adapt_tasks(net, params, loss_fn, batch, inner_lr, inner_steps)
-    else:
-        adapted = [{k: v + d[k] for k, v in params.items()} for d in displacements]
-    _, constants = split_parameters(net, params)
-    losses = []
-    with task_batch_norm(net), torch.no_grad():
-        for t, fast in enumerate(adapted):
-            prediction = functional_call(net, (fast, constants), (batch.query_x[t],))
-            losses.append(loss_fn(prediction, batch.query_y[t]))
-    return torch.stack(losses).mean()
-
-
 class MetaGradientCheck(Callback):
     """Compares the meta-gradient the optimizer is about to apply with central finite differences.
 
     On the steps it checks, the callback takes ``num_directions`` random unit directions ``v`` and
-    compares the directional derivative ``g · v`` of the gradient ``g`` held by the parameters
-    (after DDP averaging, before clipping) with ``[L(θ + εv) − L(θ − εv)] / 2ε``, where ``L`` is the
-    documented objective of the module's algorithm: the mean over tasks of the query loss after
-    the inner loop (``"maml"``), or the query loss at the adapted parameters held fixed
-    (``"fomaml"``). ``L`` is evaluated in float64 on a copy of the network, task by task with plain
-    autograd, so the run's parameters, gradients and RNG state are untouched.
+    compares the directional derivative ``g · v`` of the gradient ``g`` held by the meta-parameters
+    (the network's and the algorithm's learned step sizes, after DDP averaging, before clipping)
+    with ``[L(θ + εv) − L(θ − εv)] / 2ε``, where ``L`` is the objective of the module's algorithm
+    (:func:`~lightning_maml.functional.meta_objective`): e.g. the mean over tasks of the query loss
+    after the inner loop (``"maml"``), the same with the inner gradients held at their values at
+    ``θ`` (first-order algorithms), MAML++'s weighted multi-step loss. ``L`` is evaluated in float64
+    on copies of the network and the algorithm, task by task without vmap or compilation, so the
+    run's parameters, gradients and RNG state are untouched.
 
     Under DDP every rank draws the same directions, the losses are averaged across ranks, and the
     largest error over ranks decides, so all ranks agree. Logged (through every logger):
@@ -122,7 +61,7 @@ class MetaGradientCheck(Callback):
     Raises:
         ValueError: on an argument outside the allowed values, at construction.
         MisconfigurationException: at setup, for a module that is not a ``MAMLModule``, for
-            ``algorithm="reptile"`` (its update is no gradient of an objective), for gradient
+            an algorithm whose update is no gradient of an objective (Reptile), for gradient
             accumulation, or for a network with active dropout (``p > 0``: its objective is
             random).
 
@@ -185,10 +124,10 @@ class MetaGradientCheck(Callback):
             raise MisconfigurationException(
                 f"MetaGradientCheck needs a MAMLModule, got {type(pl_module).__name__}"
             )
-        if pl_module.algorithm == "reptile":
+        if not pl_module.algorithm.has_objective:
             raise MisconfigurationException(
-                "MetaGradientCheck checks gradients of a meta-objective; algorithm='reptile' "
-                "applies a direction that is not one. Use algorithm 'maml' or 'fomaml'."
+                "MetaGradientCheck checks gradients of a meta-objective; "
+                f"{pl_module.algorithm.describe()} applies a direction that is not one"
             )
         if trainer.accumulate_grad_batches != 1:
             raise MisconfigurationException(
@@ -241,7 +180,7 @@ class MetaGradientCheck(Callback):
                 )
             ]
             message = (
-                f"meta-gradient of {type(pl_module).__name__} (algorithm={pl_module.algorithm!r}) "
+                f"meta-gradient of {type(pl_module).__name__} ({pl_module.algorithm.describe()}) "
                 f"disagrees with finite differences at step {trainer.global_step}: largest "
                 f"relative error {result['max_rel_error']:.2e} > rtol {self.rtol:.1e}"
                 + (" (largest over ranks)" if trainer.world_size > 1 else "")
@@ -255,7 +194,9 @@ class MetaGradientCheck(Callback):
     def _check(self, trainer: pl.Trainer, pl_module: MAMLModule, batch: Episode) -> dict[str, Any]:
         grads = {n: g.double() for n, g in pl_module.meta_gradient().items()}
         net = copy.deepcopy(pl_module.net).double()
-        params = {n: p.detach().double() for n, p in split_parameters(net)[0].items()}
+        algorithm = copy.deepcopy(pl_module.algorithm).double()
+        params = {n: p.detach() for n, p in split_parameters(net)[0].items()}
+        params.update({ALGORITHM_PREFIX + n: t.detach() for n, t in algorithm.learned().items()})
         batch = Episode(*(t.double() if t.is_floating_point() else t for t in batch))
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + trainer.global_step)
         directions = []
@@ -267,23 +208,29 @@ class MetaGradientCheck(Callback):
             norm = math.sqrt(sum(float((t**2).sum()) for t in v.values()))
             directions.append({n: t / norm for n, t in v.items()})
 
-        displacements = None
-        if pl_module.algorithm == "fomaml":
-            adapted = adapt_tasks(
-                net, params, pl_module.loss_fn, batch, pl_module.inner_lr, pl_module.inner_steps
-            )
-            displacements = [{k: a[k] - params[k] for k in params} for a in adapted]
+        def split(values: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+            learned = {
+                n[len(ALGORITHM_PREFIX) :]: t
+                for n, t in values.items()
+                if n.startswith(ALGORITHM_PREFIX)
+            }
+            return {n: t for n, t in values.items() if not n.startswith(ALGORITHM_PREFIX)}, learned
+
+        anchor = split(params)
 
         def objective(shift: dict[str, Tensor], step: float) -> Tensor:
-            shifted = {n: p + step * shift[n] for n, p in params.items()}
-            return reference_meta_objective(
+            net_params, learned = split({n: p + step * shift[n] for n, p in params.items()})
+            return meta_objective(
                 net,
-                shifted,
                 pl_module.loss_fn,
                 batch,
-                pl_module.inner_lr,
-                pl_module.inner_steps,
-                displacements,
+                inner_lr=pl_module.inner_lr,
+                inner_steps=pl_module.inner_steps,
+                algorithm=algorithm,
+                params=net_params,
+                learned=learned,
+                anchor=anchor,
+                epoch=pl_module.current_epoch,
             )
 
         def central_difference(v: dict[str, Tensor], eps: float) -> float:

@@ -11,13 +11,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
-from lightning_maml.functional import (
-    check_count,
-    meta_loss,
-    split_parameters,
-    support_gradients,
-)
-from lightning_maml.module import MAMLModule, as_episode
+from lightning_maml._checks import check_count
+from lightning_maml.functional import meta_loss, support_gradients
+from lightning_maml.module import ALGORITHM_PREFIX, MAMLModule, as_episode
 
 
 class MetaGradientLogger(Callback):
@@ -83,10 +79,11 @@ class MetaGradientLogger(Callback):
             raise MisconfigurationException(
                 f"MetaGradientLogger needs a MAMLModule, got {type(pl_module).__name__}"
             )
-        if self.cosine_first_order and pl_module.algorithm == "reptile":
+        if self.cosine_first_order and not pl_module.algorithm.has_objective:
             raise MisconfigurationException(
-                "MetaGradientLogger(cosine_first_order=True) compares second- and first-order "
-                "MAML gradients; it is not defined for algorithm='reptile'"
+                "MetaGradientLogger(cosine_first_order=True) compares the second- and "
+                "first-order gradients of a meta-objective; it is not defined for "
+                f"{pl_module.algorithm.describe()}, whose update is not such a gradient"
             )
 
     def on_train_batch_start(
@@ -124,8 +121,14 @@ class MetaGradientLogger(Callback):
                     out.initial_query_losses.mean(), reduce_op="mean"
                 )
         if self.cosine_first_order:
-            other = "fomaml" if pl_module.algorithm == "maml" else "maml"
-            params = list(split_parameters(pl_module.net)[0].values())
+            algorithm = pl_module.algorithm
+            other = algorithm.with_order(not algorithm.is_first_order(pl_module.current_epoch))
+            meta_parameters = pl_module.meta_parameters()
+            learned = {
+                n[len(ALGORITHM_PREFIX) :]: t
+                for n, t in meta_parameters.items()
+                if n.startswith(ALGORITHM_PREFIX)
+            }
             with torch.enable_grad():
                 loss = meta_loss(
                     pl_module.net,
@@ -136,7 +139,11 @@ class MetaGradientLogger(Callback):
                     algorithm=other,
                     vectorize=pl_module.vectorize,
                     track_initial_loss=False,
+                    epoch=pl_module.current_epoch,
+                    learned=learned,
+                    executor=pl_module.executor,
                 ).loss
+                params = list(meta_parameters.values())
                 other_grads = torch.autograd.grad(loss, params, allow_unused=True)
             flat_other = torch.cat(
                 [

@@ -9,8 +9,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
+from lightning_maml._checks import check_count
 from lightning_maml.episode import Episode
-from lightning_maml.functional import check_count
 
 
 class EpisodicDataset(Dataset):

@@ -12,9 +12,9 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from lightning_maml._checks import check_count
 from lightning_maml.datamodules.resumable import ResumableLoader
 from lightning_maml.episode import Episode
-from lightning_maml.functional import check_count
 
 _TRAIN, _VAL, _TEST = 0, 1, 2
 

@@ -11,7 +11,7 @@ import mne
 import numpy as np
 from moabb.datasets.base import BaseDataset
 
-from lightning_maml.functional import check_count
+from lightning_maml._checks import check_count
 
 __all__ = ["SyntheticMotorImagery"]
 

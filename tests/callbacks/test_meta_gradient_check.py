@@ -10,7 +10,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from tasks import image_tasks, quiet_trainer, small_conv_net, tanh_mlp
 from torch import nn
 
-import lightning_maml.functional as functional
+import lightning_maml.functional.inner as inner
 from lightning_maml import Episode, MAMLModule
 from lightning_maml.callbacks import MetaGradientCheck, MetaGradientMismatch
 from lightning_maml.datamodules import SinusoidDataModule
@@ -68,11 +68,12 @@ class DetachedInnerGradient(MAMLModule):
     def meta_forward(self, batch, inner_steps=None, train=True):
         if not train:
             return super().meta_forward(batch, inner_steps, train)
-        self.algorithm = "fomaml"
+        second_order = self.algorithm
+        self.algorithm = second_order.with_order(first_order=True)
         try:
             return super().meta_forward(batch, inner_steps, train)
         finally:
-            self.algorithm = "maml"
+            self.algorithm = second_order
 
 
 class SummedOverTasks(MAMLModule):
@@ -94,7 +95,7 @@ def test_check_raises_on_planted_bugs(bug, monkeypatch):
         bug, MAMLModule
     )
     if bug == "inner_lr_mismatch":
-        monkeypatch.setattr(functional, "sgd_step", _mismatched_lr_sgd_step)
+        monkeypatch.setattr(inner, "sgd_step", _mismatched_lr_sgd_step)
     module = cls(tanh_mlp(), inner_lr=0.3, inner_steps=2)
     with pytest.raises(MetaGradientMismatch, match="disagrees with finite differences") as info:
         _fit(module, _sinusoid(), [MetaGradientCheck()], precision="64-true")
