@@ -184,6 +184,7 @@ class MAML(nn.Module):
                 f"unchanged during adaptation"
             )
         names = [name for name, p in params.items() if p.requires_grad]
+        position = {name: i for i, name in enumerate(params)}
         second_order = not first_order
         grads = torch.autograd.grad(
             loss,
@@ -199,11 +200,15 @@ class MAML(nn.Module):
                 f"unchanged during adaptation"
             )
         updates = {
-            id(params[name]): params[name] - self.lr * g
+            id(params[name]): params[name] - self._step_size(position[name]) * g
             for name, g in zip(names, grads)
             if g is not None
         }
         update_module(self.module, updates)
+
+    def _step_size(self, index: int) -> float | Tensor:
+        """The step size of the ``index``-th parameter (in ``module.parameters()`` order)."""
+        return self.lr
 
     def extra_repr(self) -> str:
         return f"lr={self.lr}, first_order={self.first_order}"

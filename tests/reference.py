@@ -96,3 +96,71 @@ def l2l_update_module(module: nn.Module, lr: float, grads: list[Tensor | None]) 
             if p is not None and id(p) in updates:
                 m._parameters[key] = updates[id(p)]
         stack.extend(c for c in m._modules.values() if c is not None)
+
+
+def family_task_objectives(
+    net: nn.Module,
+    params: dict[str, Tensor],
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    tasks: tuple[Tensor, Tensor, Tensor, Tensor],
+    steps: int,
+    rate: Callable[[str, int], float | Tensor],
+    *,
+    adapt: list[str] | None = None,
+    first_order: bool = False,
+    weights: list[float] | None = None,
+    anchor: tuple[dict[str, Tensor], Callable[[str, int], float | Tensor]] | None = None,
+) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
+    """Per task, the outer objective of a MAML-family algorithm and the adapted parameters, as an
+    explicit autograd loop.
+
+    ``rate(name, step)`` is the inner step size of a parameter at a step (a number or a tensor,
+    learned or not); ``adapt`` the parameters that adapt (default all); ``weights`` the multi-step
+    loss weights (default: the last step's query loss). First order: each inner gradient is taken
+    (without a graph) on the trajectory from ``anchor = (params0, rate0)`` (default ``params`` and
+    ``rate``) and applied to ``params`` with ``rate``.
+    """
+    support_x, support_y, query_x, query_y = tasks
+    names = list(params) if adapt is None else adapt
+    anchor_params, anchor_rate = anchor if anchor is not None else (params, rate)
+    objectives, adapted = [], []
+    for t in range(support_x.shape[0]):
+        fast = dict(params)
+        plain = {n: p.detach() for n, p in anchor_params.items()}
+        query_losses = []
+        for k in range(steps):
+            if first_order:
+                at = {n: p.detach().requires_grad_(n in names) for n, p in plain.items()}
+                loss = loss_fn(functional_call(net, at, (support_x[t],)), support_y[t])
+                grads = torch.autograd.grad(loss, [at[n] for n in names])
+                for n, g in zip(names, grads):
+                    r = anchor_rate(n, k)
+                    plain[n] = plain[n] - (r.detach() if isinstance(r, Tensor) else r) * g
+                    fast[n] = fast[n] - rate(n, k) * g
+            else:
+                loss = loss_fn(functional_call(net, fast, (support_x[t],)), support_y[t])
+                grads = torch.autograd.grad(loss, [fast[n] for n in names], create_graph=True)
+                fast = {**fast, **{n: fast[n] - rate(n, k) * g for n, g in zip(names, grads)}}
+            if weights is not None:
+                prediction = functional_call(net, fast, (query_x[t],))
+                query_losses.append(loss_fn(prediction, query_y[t]))
+        if weights is None:
+            objective = loss_fn(functional_call(net, fast, (query_x[t],)), query_y[t])
+        else:
+            objective = sum(w * q for w, q in zip(weights, query_losses))
+        objectives.append(objective)
+        adapted.append(fast)
+    return objectives, adapted
+
+
+def directional_derivative(
+    fn: Callable[[dict[str, Tensor]], Tensor],
+    params: dict[str, Tensor],
+    direction: dict[str, Tensor],
+    eps: float = 1e-6,
+) -> float:
+    """Central finite difference of a scalar function of float64 tensors along ``direction``."""
+    # leaves that require grad: the function may differentiate inside (inner loops)
+    plus = {n: (p.detach() + eps * direction[n]).requires_grad_() for n, p in params.items()}
+    minus = {n: (p.detach() - eps * direction[n]).requires_grad_() for n, p in params.items()}
+    return float((fn(plus).detach() - fn(minus).detach()) / (2 * eps))

@@ -102,3 +102,32 @@ def test_a_run_without_logger_does_not_overwrite_an_earlier_config(tmp_path, mon
     with pytest.raises(RuntimeError, match="config.yaml"):
         build_cli(args)
     assert earlier.read_text() == "# an earlier run's config\n"
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        ["--model.algorithm=maml++"],
+        [
+            "--model.algorithm=lightning_maml.functional.ANIL",
+            "--model.algorithm.head=[layers.4.*]",
+        ],
+    ],
+    ids=["name", "class_path"],
+)
+def test_cli_trains_any_algorithm_and_tests_from_its_checkpoint(tmp_path, arguments):
+    path = _tiny_config(tmp_path)
+    cli = build_cli(["fit", "--config", str(path), *arguments])
+    algorithm = cli.model.algorithm
+    assert algorithm.name == arguments[0].split("=")[1].rpartition(".")[2].lower()
+    if algorithm.name == "anil":
+        assert algorithm.adapted(dict(cli.model.net.named_parameters())) == [
+            "layers.4.weight",
+            "layers.4.bias",
+        ]
+    else:  # the learned step sizes were meta-trained
+        assert any((p != 0.01).any() for p in algorithm.parameters())
+    ckpt = next(tmp_path.glob("sinusoid/version_*/checkpoints/*.ckpt"))
+    cli = build_cli(["test", "--config", str(path), *arguments, "--ckpt_path", str(ckpt)])
+    trained = {n: p for n, p in algorithm.state_dict().items()}
+    assert all((cli.model.algorithm.state_dict()[n] == p).all() for n, p in trained.items())

@@ -11,15 +11,15 @@ from tasks import image_tasks, regression_tasks, small_conv_net, tanh_mlp
 from torch import nn
 from torch.func import functional_call
 
-from lightning_maml.functional import execution
-from lightning_maml.functional.execution import executor_of
 from lightning_maml.functional import (
     adapt_parameters,
     check_compile,
+    execution,
     meta_loss,
     mse_loss,
     sgd_step,
 )
+from lightning_maml.functional.execution import executor_of
 
 
 def _sigmoid(z):

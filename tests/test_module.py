@@ -300,3 +300,27 @@ def test_accuracy_with_class_probability_targets_counts_their_most_probable_clas
         (result,) = quiet_trainer().validate(module, torch.utils.data.DataLoader(TaskSet(episode)))
         results.append(result["val/query_acc_after"])
     assert results[0] == pytest.approx(results[1])
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "reptile", "anil", "metasgd", "maml++"])
+def test_every_algorithm_trains_and_evaluates_under_a_plain_trainer(algorithm):
+    module = MAMLModule(MLP(), inner_lr=0.01, inner_steps=2, algorithm=algorithm)
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    data = SinusoidDataModule(meta_batch_size=4, batches_per_epoch=3, num_val_tasks=8)
+    trainer = quiet_trainer(max_steps=3)
+    trainer.fit(module, data)
+    assert all(not torch.equal(before[n], p) for n, p in module.named_parameters())
+    metrics = trainer.validate(module, data, verbose=False)[0]
+    assert math.isfinite(metrics["val/query_loss_after"])
+
+
+def test_evaluation_adapts_with_the_learned_step_sizes():
+    module = MAMLModule(MLP(), inner_lr=0.01, inner_steps=3, algorithm="metasgd")
+    batch = Episode(*(t.float() for t in regression_tasks()))
+    adapted = module.meta_forward(batch, train=False)
+    with torch.no_grad():
+        for rate in module.algorithm.parameters():
+            rate.zero_()  # learned to take no step
+    still = module.meta_forward(batch, train=False)
+    assert not torch.allclose(adapted.query_losses, adapted.initial_query_losses)
+    assert torch.allclose(still.query_losses, still.initial_query_losses)

@@ -15,6 +15,7 @@ from lightning_maml import Episode, MAMLModule
 from lightning_maml.callbacks import MetaGradientCheck, MetaGradientMismatch
 from lightning_maml.datamodules import SinusoidDataModule
 from lightning_maml.datamodules.sinusoid import TaskSet
+from lightning_maml.functional import ANIL, MAMLPlusPlus, MetaSGD
 from lightning_maml.models import MLP, EEGNet
 
 
@@ -201,3 +202,39 @@ def test_dropout_with_p_zero_is_deterministic_and_checked():
     assert check.last_result["max_rel_error"] < check.rtol
     eegnet = MAMLModule(EEGNet(3, 32, 2, sampling_rate=16, dropout=0.0), loss="cross_entropy")
     check.setup(quiet_trainer(), eegnet, "fit")  # accepted: its Dropout layers have p = 0
+
+
+FAMILY = {
+    "anil": lambda: "anil",
+    "anil first order": lambda: ANIL(first_order=True),
+    "metasgd": lambda: "metasgd",
+    "metasgd first order": lambda: MetaSGD(first_order=True),
+    # epoch 0: multi-step loss, first order; epoch 1: multi-step loss, second order; epoch 2: the
+    # last step's loss alone
+    "maml++": lambda: MAMLPlusPlus(msl_epochs=2, first_order_epochs=1),
+}
+
+
+@pytest.mark.parametrize("name", FAMILY)
+def test_check_passes_for_the_rest_of_the_family(name):
+    check, seen = MetaGradientCheck(every_n_steps=1, rtol=1e-6), []
+
+    class Record(Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            seen.append((trainer.current_epoch, check.last_result["max_rel_error"]))
+
+    module = MAMLModule(tanh_mlp(), inner_lr=0.3, inner_steps=2, algorithm=FAMILY[name]())
+    _fit(module, _sinusoid(), [check, Record()], max_steps=7, precision="64-true")
+    assert {epoch for epoch, _ in seen} == {0, 1, 2}
+    assert max(error for _, error in seen) < 1e-6
+
+
+def test_check_covers_learned_step_sizes(monkeypatch):
+    # a planted bug: Meta-SGD's step sizes used as constants, so they get no meta-gradient
+    rates = MetaSGD.rates
+    monkeypatch.setattr(
+        MetaSGD, "rates", lambda self, *a: {n: r.detach() for n, r in rates(self, *a).items()}
+    )
+    module = MAMLModule(tanh_mlp(), inner_lr=0.3, inner_steps=2, algorithm="metasgd")
+    with pytest.raises(MetaGradientMismatch, match="algorithm='metasgd'"):
+        _fit(module, _sinusoid(), [MetaGradientCheck()], precision="64-true")
