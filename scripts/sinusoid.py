@@ -1,11 +1,15 @@
-"""Sinusoid regression (Finn et al. 2017 §5.1): MAML vs joint training ("pretrained") vs random.
+"""Sinusoid regression (Finn et al. 2017 §5.1): the MAML family vs joint training vs random.
 
-Meta-trains MAML and a jointly trained baseline on the same task stream with ``Trainer.fit``, then
-fine-tunes each (and a random initialisation) on held-out tasks with K=5 and K=10 support points for
-1 and 10 SGD steps, and reports the mean query MSE with 95% confidence intervals. Saves a figure of
-the fits on one held-out task.
+Meta-trains each algorithm asked for (default MAML; ``--algorithms all``: MAML, first-order MAML,
+Reptile, ANIL, Meta-SGD, MAML++) and a jointly trained baseline on the same task stream with
+``Trainer.fit``, then adapts each (and a random initialisation) on the same held-out tasks with
+K=5 and K=10 support points for 1 and 10 inner steps, and reports the mean query MSE with 95%
+confidence intervals. Each algorithm adapts its own way (ANIL its last layer, Meta-SGD and MAML++
+with their learned step sizes); the baselines take plain SGD steps of ``--inner-lr``. Saves a
+figure of the fits on one held-out task.
 
-    python scripts/sinusoid.py                       # a few minutes on 2 CPU cores
+    python scripts/sinusoid.py                       # about a minute and a half on 2 CPU cores
+    python scripts/sinusoid.py --algorithms all      # the whole family, several minutes
     python scripts/sinusoid.py --iterations 70000    # the paper's schedule
     python scripts/sinusoid.py --compile             # torch.compile'd meta-gradient
 
@@ -28,7 +32,7 @@ from benchtools import cpu_trainer, mean_and_ci95, quiet_lightning_info
 from lightning_maml import MAMLModule
 from lightning_maml.datamodules import SinusoidDataModule, sample_sinusoid_tasks
 from lightning_maml.datamodules.sinusoid import seeded_generator
-from lightning_maml.functional import adapt_parameters, meta_loss, mse_loss, split_parameters
+from lightning_maml.functional import ALGORITHMS, adapt_parameters, mse_loss, split_parameters
 from lightning_maml.models import MLP
 
 matplotlib.use("Agg")
@@ -47,6 +51,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--eval-tasks", type=int, default=600, help="held-out tasks (>= 100)")
     parser.add_argument(
         "--eval-query", type=int, default=100, help="query points per held-out task"
+    )
+    parser.add_argument(
+        "--algorithms",
+        nargs="+",
+        default=["maml"],
+        choices=[*ALGORITHMS, "all"],
+        help="algorithms to meta-train and compare (default: maml)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="outputs/sinusoid")
@@ -68,17 +79,29 @@ def parse_args() -> argparse.Namespace:
         parser.error(f"--iterations must be >= 1, got {args.iterations}")
     if args.eval_tasks < 100:
         parser.error(f"--eval-tasks must be >= 100, got {args.eval_tasks}")
+    if "all" in args.algorithms:
+        args.algorithms = list(ALGORITHMS)
     return args
 
 
-def train(inner_steps: int, args: argparse.Namespace) -> MLP:
-    """Meta-train (inner_steps >= 1) or jointly train (inner_steps = 0) an MLP on the tasks."""
+NAMES = {
+    "maml": "MAML",
+    "fomaml": "first-order MAML",
+    "reptile": "Reptile",
+    "anil": "ANIL",
+    "metasgd": "Meta-SGD",
+    "maml++": "MAML++",
+}
+
+
+def train(algorithm: str | None, args: argparse.Namespace) -> MAMLModule:
+    """Meta-train with ``algorithm``, or jointly train (``None``: no inner loop), an MLP."""
     pl.seed_everything(args.seed, verbose=False)
-    net = MLP()
     module = MAMLModule(
-        net,
+        MLP(),
         inner_lr=args.inner_lr,
-        inner_steps=inner_steps,
+        inner_steps=0 if algorithm is None else 1,
+        algorithm=algorithm or "maml",
         meta_lr=args.meta_lr,
         compile=args.compile,
     )
@@ -92,29 +115,19 @@ def train(inner_steps: int, args: argparse.Namespace) -> MLP:
         args.iterations, data.batches_per_epoch, progress_bar=not args.no_progress_bar
     )
     trainer.fit(module, data)
-    return net
+    return module
 
 
-def evaluate(net: MLP, k_shot: int, steps: int, args: argparse.Namespace) -> list[float]:
-    """Per-task query MSE after ``steps`` SGD steps on ``k_shot`` points of each held-out task."""
+def evaluate(module: MAMLModule, k_shot: int, steps: int, args: argparse.Namespace) -> list[float]:
+    """Per-task query MSE after ``steps`` inner steps (the module's algorithm, without a graph to
+    the parameters) on ``k_shot`` points of each held-out task; the same tasks for every model."""
     tasks = sample_sinusoid_tasks(
         args.eval_tasks, k_shot, args.eval_query, generator=seeded_generator(args.seed, 99, k_shot)
     )
-    params = {name: p.detach() for name, p in net.named_parameters()}
-    out = meta_loss(
-        net,
-        "mse",
-        *tasks,
-        inner_lr=args.inner_lr,
-        inner_steps=steps,
-        algorithm="fomaml",
-        params=params,
-        track_initial_loss=False,
-    )
-    return out.query_losses.tolist()
+    return module.meta_forward(tasks, inner_steps=steps, train=False).query_losses.tolist()
 
 
-def plot_fits(models: dict[str, MLP], args: argparse.Namespace, path: Path) -> None:
+def plot_fits(models: dict[str, MAMLModule], args: argparse.Namespace, path: Path) -> None:
     candidates, amplitude, phase = sample_sinusoid_tasks(
         50, args.k_shot, 1, generator=seeded_generator(args.seed, 98), return_parameters=True
     )
@@ -123,7 +136,8 @@ def plot_fits(models: dict[str, MLP], args: argparse.Namespace, path: Path) -> N
     x = torch.linspace(-5, 5, 200).view(-1, 1)
     truth = amplitude[i] * torch.sin(x - phase[i])
     fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), sharey=True)
-    for ax, (name, net) in zip(axes, models.items()):
+    for ax, (name, module) in zip(axes, models.items()):
+        net, algorithm = module.net, module.algorithm
         ax.plot(x, truth, color="black", lw=2, label="ground truth")
         ax.scatter(
             episode.support_x[0],
@@ -134,6 +148,9 @@ def plot_fits(models: dict[str, MLP], args: argparse.Namespace, path: Path) -> N
         )
         trainable, constants = split_parameters(net)
         params = {k: v.detach() for k, v in trainable.items()}
+        learned = {k: v.detach() for k, v in algorithm.learned().items()}
+        names = algorithm.adapted(params)
+        rates = algorithm.rates(args.inner_lr, learned, names)
         with torch.enable_grad():
             for steps, style in ((0, ":"), (1, "--"), (10, "-")):
                 adapted = adapt_parameters(
@@ -143,9 +160,10 @@ def plot_fits(models: dict[str, MLP], args: argparse.Namespace, path: Path) -> N
                     mse_loss,
                     episode.support_x[0],
                     episode.support_y[0],
-                    args.inner_lr,
+                    rates,
                     steps,
                     first_order=True,
+                    adapt=names,
                 )
                 prediction = torch.func.functional_call(net, adapted, (x,)).detach()
                 label = "before adaptation" if steps == 0 else f"after {steps} step(s)"
@@ -167,16 +185,17 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    models = {"MAML": train(1, args), "pretrained": train(0, args)}
+    models = {NAMES[a]: train(a, args) for a in args.algorithms}
+    models["pretrained"] = train(None, args)
     torch.manual_seed(args.seed + 1)
-    models["random init"] = MLP()
+    models["random init"] = MAMLModule(MLP(), inner_lr=args.inner_lr)
     train_seconds = time.perf_counter() - start
 
     rows = []
-    for name, net in models.items():
+    for name, module in models.items():
         for k_shot in (5, 10):
             for steps in (1, 10):
-                mse, ci = mean_and_ci95(evaluate(net, k_shot, steps, args))
+                mse, ci = mean_and_ci95(evaluate(module, k_shot, steps, args))
                 rows.append({"model": name, "K": k_shot, "steps": steps, "mse": mse, "ci95": ci})
     table = [
         f"Held-out query MSE, mean ± 95% CI over {args.eval_tasks} tasks ({args.eval_query} query "
@@ -191,7 +210,8 @@ def main() -> None:
     print("\n" + "\n".join(table))
     (out / "results.md").write_text("\n".join(table) + "\n")
     figure = out / "sinusoid_fits.png"
-    plot_fits(models, args, figure)
+    shown = [n for n in ("MAML", "Meta-SGD") if n in models] + ["pretrained", "random init"]
+    plot_fits({n: models[n] for n in shown}, args, figure)
     total = time.perf_counter() - start
     print(
         f"\ntraining {train_seconds:.0f} s, total {total:.0f} s; table: {out / 'results.md'}, "
