@@ -1,44 +1,53 @@
-"""Cross-subject few-shot motor imagery: MAML vs joint training + fine-tuning vs from scratch.
+"""Few-shot motor imagery on real EEG: leave-one-subject-out over PhysioNet subjects.
 
-EEGNet-8,2 on the synthetic motor-imagery dataset (``SyntheticMotorImagery``, through MOABB's
-``MotorImagery`` paradigm and ``MOABBDataModule``; a task is a subject). Subjects are split into
-meta-train and held-out test subjects. Three models are compared on the held-out subjects, each
-adapted on K labelled trials per class of a subject and scored on other trials of that subject:
+PhysioNet EEG Motor Movement/Imagery (MOABB's ``PhysionetMI``), imagined left vs right fist (run 4;
+``--with-executed`` adds the executed run 3), cut by MOABB's ``LeftRightImagery`` (8-30 Hz, 3 s,
+resampled to 80 Hz: 64 channels x 240 samples) and loaded through ``MOABBDataModule``. Each fold
+holds one subject out: the networks are meta-trained (or trained) on the other subjects, then
+every method is given the same K labelled trials per class of the held-out subject (the support
+set) and scored on the rest of that subject's trials (the query set, never in a support set):
 
-- MAML: EEGNet meta-trained with second-order MAML across the training subjects, then adapted with
-  ``--eval-steps`` SGD steps of size ``--inner-lr`` on the K trials;
-- joint: EEGNet trained on all training subjects' trials at once (``MAMLModule`` with
-  ``inner_steps=0``: the query loss at the shared parameters; same episodes, steps and optimizer
-  as MAML), then fine-tuned exactly like MAML;
-- scratch: a fresh EEGNet trained only on the K trials (``--scratch-steps`` SGD steps of size
-  ``--scratch-lr``).
+- MAML / first-order MAML: EEGNet-8,2 meta-trained on episodes of the training subjects, adapted
+  with ``--eval-steps`` SGD steps of size ``--inner-lr`` on the support set;
+- joint: the same network trained on the same episodes without an inner loop (``MAMLModule`` with
+  ``inner_steps=0``), fine-tuned exactly like MAML;
+- scratch: a fresh EEGNet trained on the support set alone (``--scratch-steps`` steps);
+- CSP+LDA zero-shot: MNE's CSP (4 components, Ledoit-Wolf) and scikit-learn's LDA fitted on the
+  training subjects' trials; CSP+LDA + K: refitted with the support trials added.
 
-Reports query accuracy (mean and 95% CI over episodes) for K = 1, 5, 10, 20 trials per class,
-saves a plot of accuracy vs K, a JSON of the results and the wall time.
+Every method sees the same folds and episodes. Hyper-parameters are fixed in advance (the defaults
+below), chosen on no subject's results. Reports accuracy per K: the mean over folds and episodes
+with a 95% interval over the pooled episodes, and the mean of the per-fold means with a t interval
+over folds; and MAML's per-fold difference to each method with its t interval. Writes a figure,
+JSON and a Markdown table.
 
-    python scripts/eeg.py                      # a few minutes on 2 CPU cores
-    python scripts/eeg.py --meta-steps 1000    # longer meta-training
+    python scripts/eeg.py --mne-data ../shared/data/mne_data   # the five subjects, offline
+
+``--mne-data`` points MNE (``MNE_DATA``, ``MNE_DATASETS_EEGBCI_PATH``) at a folder holding the
+recordings and skips MOABB's mirror (``MOABB_DOWNLOAD_PROVIDER=upstream``); without it, MNE's
+configured folder is used and missing recordings are downloaded.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--subjects", type=int, default=12, help="synthetic subjects in all")
-    parser.add_argument("--test-subjects", type=int, default=4, help="held out (the last ones)")
-    parser.add_argument("--trials-per-class", type=int, default=40)
-    parser.add_argument("--snr", type=float, default=0.6, help="SyntheticMotorImagery snr")
-    parser.add_argument("--classes", type=int, default=3, choices=[2, 3])
-    parser.add_argument("--k-shots", default="1,5,10,20", help="trials per class to adapt on")
-    parser.add_argument("--query", type=int, default=15, help="query trials per class")
-    parser.add_argument("--train-k-shot", type=int, default=5, help="support per class, training")
-    parser.add_argument("--meta-steps", type=int, default=400)
+    parser.add_argument("--mne-data", help="MNE data folder holding the PhysioNet recordings")
+    parser.add_argument("--subjects", default="1,2,3,4,5", help="PhysioNet subjects")
+    parser.add_argument("--folds", default=None, help="held-out subjects to run (default: all)")
+    parser.add_argument("--with-executed", action="store_true", help="add the executed run 3")
+    parser.add_argument("--k-shots", default=None, help="trials per class (default 1,3,5)")
+    parser.add_argument("--train-k-shot", type=int, default=3, help="support per class, training")
+    parser.add_argument("--train-query", type=int, default=4, help="query per class, training")
+    parser.add_argument("--algorithms", default="maml,fomaml", help="MAML-family algorithms")
+    parser.add_argument("--meta-steps", type=int, default=200)
     parser.add_argument("--meta-batch-size", type=int, default=4)
     parser.add_argument("--meta-lr", type=float, default=3e-3)
     parser.add_argument("--inner-lr", type=float, default=0.1)
@@ -46,7 +55,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--eval-steps", type=int, default=10, help="adaptation steps, test")
     parser.add_argument("--scratch-steps", type=int, default=100)
     parser.add_argument("--scratch-lr", type=float, default=0.1)
-    parser.add_argument("--episodes", type=int, default=40, help="test episodes per K")
+    parser.add_argument("--episodes", type=int, default=20, help="test episodes per fold and K")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="outputs/eeg")
     parser.add_argument("--no-progress-bar", action="store_true")
@@ -58,85 +67,97 @@ def parse_args() -> argparse.Namespace:
         "them, but on cores another process shares, 1 is faster)",
     )
     args = parser.parse_args()
-    args.k_shots = [int(k) for k in args.k_shots.split(",")]
-    if not 1 <= args.test_subjects < args.subjects:
-        parser.error(
-            f"--test-subjects must be in [1, {args.subjects - 1}], got {args.test_subjects}"
-        )
-    if max(args.k_shots) + args.query > args.trials_per_class:
-        parser.error(
-            f"--trials-per-class {args.trials_per_class} is below the largest K + --query "
-            f"({max(args.k_shots)} + {args.query})"
-        )
-    for name in ("meta_steps", "episodes", "eval_steps", "scratch_steps", "query"):
+    args.subjects = [int(s) for s in args.subjects.split(",")]
+    args.folds = args.subjects if args.folds is None else [int(s) for s in args.folds.split(",")]
+    default_k = "1,3,5,10" if args.with_executed else "1,3,5"
+    args.k_shots = [int(k) for k in (args.k_shots or default_k).split(",")]
+    args.algorithms = args.algorithms.split(",")
+    if len(args.subjects) < 2:
+        parser.error(f"--subjects needs at least 2 subjects, got {args.subjects}")
+    if not set(args.folds) <= set(args.subjects):
+        parser.error(f"--folds {args.folds} must be among --subjects {args.subjects}")
+    for name in ("meta_steps", "episodes", "eval_steps", "scratch_steps", "train_k_shot"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if min(args.k_shots) < 1:
+        parser.error(f"--k-shots must be >= 1, got {args.k_shots}")
+    if args.mne_data is not None:
+        folder = Path(args.mne_data).resolve()
+        if not folder.is_dir():
+            parser.error(f"--mne-data {args.mne_data!r} is not a folder")
+        os.environ["MNE_DATA"] = os.environ["MNE_DATASETS_EEGBCI_PATH"] = str(folder)
+        os.environ["MOABB_DOWNLOAD_PROVIDER"] = "upstream"
     return args
 
 
 # arguments before the heavy imports below: --help and argument errors answer at once
 ARGS = parse_args() if __name__ == "__main__" else None
 
-import math  # noqa: E402
-
 import lightning.pytorch as pl  # noqa: E402
 import matplotlib  # noqa: E402
 import mne  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from benchtools import cpu_trainer, mean_and_ci95, quiet_lightning_info  # noqa: E402
+from mne.decoding import CSP  # noqa: E402
+from moabb.datasets import PhysionetMI  # noqa: E402
+from moabb.paradigms import LeftRightImagery  # noqa: E402
+from scipy import stats  # noqa: E402
+from sklearn.discriminant_analysis import LinearDiscriminantAnalysis  # noqa: E402
+from sklearn.pipeline import make_pipeline  # noqa: E402
 from torch import nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from lightning_maml import Episode, MAMLModule  # noqa: E402
 from lightning_maml.datamodules import MOABBDataModule  # noqa: E402
-from lightning_maml.datamodules.synthetic_eeg import SyntheticMotorImagery  # noqa: E402
 from lightning_maml.functional import meta_loss  # noqa: E402
 from lightning_maml.models import EEGNet  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+NAMES = {"maml": "MAML", "fomaml": "first-order MAML", "reptile": "Reptile", "anil": "ANIL"}
+NAMES.update({"metasgd": "Meta-SGD", "maml++": "MAML++"})
+BASELINES = ["joint", "scratch", "CSP+LDA zero-shot", "CSP+LDA + K"]
 
-def make_data(args: argparse.Namespace) -> MOABBDataModule:
-    dataset = SyntheticMotorImagery(
-        n_subjects=args.subjects,
-        trials_per_class=args.trials_per_class,
-        events=("left_hand", "right_hand", "feet")[: args.classes],
-        snr=args.snr,
-        seed=args.seed,
-    )
-    subjects = list(dataset.subject_list)
+
+def make_data(test_subject: int, args: argparse.Namespace) -> MOABBDataModule:
+    """The fold's data: the other subjects meta-train, ``test_subject`` is held out."""
+    dataset = PhysionetMI(imagined=True, executed=args.with_executed)
+    runs = [4, 3] if args.with_executed else [4]
     return MOABBDataModule(
         dataset,
-        "MotorImagery",
-        {"n_classes": args.classes, "resample": 64},
-        train_subjects=subjects[: -args.test_subjects],
+        LeftRightImagery(fmin=8, fmax=30, resample=80),
+        train_subjects=[s for s in args.subjects if s != test_subject],
         val_subjects=[],
-        test_subjects=subjects[-args.test_subjects :],
-        n_way=args.classes,
+        test_subjects=[test_subject],
+        n_way=2,
         k_shot=args.train_k_shot,
-        query_size=args.query,
+        query_size=args.train_query,
         meta_batch_size=args.meta_batch_size,
-        episodes_per_epoch=100 * args.meta_batch_size,
-        cache_dir=None,
+        episodes_per_epoch=50 * args.meta_batch_size,
+        standardize="trial",
+        cache_dir=str(Path(args.out) / "cache"),
         seed=args.seed,
+        dataset_attributes={"hand_runs": runs, "feet_runs": []},
     )
 
 
-def make_net(data: MOABBDataModule, args: argparse.Namespace) -> nn.Module:
+def make_net(data: MOABBDataModule) -> nn.Module:
     x = data.data["train"][0]
-    return EEGNet(x.shape[1], x.shape[2], args.classes, sampling_rate=64)
+    return EEGNet(x.shape[1], x.shape[2], len(data.classes), sampling_rate=80)
 
 
-def train(data: MOABBDataModule, inner_steps: int, args: argparse.Namespace) -> nn.Module:
-    """Meta-train (inner_steps >= 1) or jointly train (inner_steps = 0) EEGNet."""
+def train(data: MOABBDataModule, algorithm: str | None, args: argparse.Namespace) -> nn.Module:
+    """Meta-train with ``algorithm``, or jointly train (``None``: no inner loop), EEGNet."""
     pl.seed_everything(args.seed, verbose=False)
-    net = make_net(data, args)
+    net = make_net(data)
     module = MAMLModule(
         net,
         loss="cross_entropy",
         inner_lr=args.inner_lr,
-        inner_steps=inner_steps,
+        inner_steps=0 if algorithm is None else args.inner_steps,
+        algorithm=algorithm or "maml",
         meta_lr=args.meta_lr,
     )
     batches_per_epoch = -(-data.episodes_per_epoch // data.meta_batch_size)
@@ -145,22 +166,215 @@ def train(data: MOABBDataModule, inner_steps: int, args: argparse.Namespace) -> 
     return net.eval()
 
 
-def accuracies(net: nn.Module, episodes: Episode, lr: float, steps: int) -> list[float]:
-    """Query accuracy of each episode after ``steps`` SGD steps on its support set."""
+def held_out_episodes(y: np.ndarray, k: int, fold: int, args: argparse.Namespace) -> list[tuple]:
+    """``--episodes`` splits of a subject's trials: per class ``k`` support trials and, as the
+    query set, ``q`` others (``q`` = the smallest class's count minus ``k``, the same for every
+    episode). Seeded by (seed, fold, k): every method sees the same episodes."""
+    classes = sorted(set(y.tolist()))
+    q = min(int((y == c).sum()) for c in classes) - k
+    if q < 1:
+        raise ValueError(f"K={k} leaves no query trial (classes of {q + k} trials)")
+    rng = np.random.default_rng([args.seed, fold, k])
+    episodes = []
+    for _ in range(args.episodes):
+        support, query = [], []
+        for c in classes:
+            order = rng.permutation(np.flatnonzero(y == c))
+            support.append(order[:k])
+            query.append(order[k : k + q])
+        episodes.append((np.concatenate(support), np.concatenate(query)))
+    return episodes
+
+
+def adapted_accuracies(
+    net: nn.Module, x: torch.Tensor, y: torch.Tensor, episodes: list[tuple], lr: float, steps: int
+) -> list[float]:
+    """Query accuracy per episode after ``steps`` SGD steps on its support set from ``net``."""
+    batch = Episode(
+        torch.stack([x[s] for s, _ in episodes]),
+        torch.stack([y[s] for s, _ in episodes]),
+        torch.stack([x[q] for _, q in episodes]),
+        torch.stack([y[q] for _, q in episodes]),
+    )
     params = {name: p.detach() for name, p in net.named_parameters()}
-    with torch.enable_grad():
-        out = meta_loss(
-            net,
-            "cross_entropy",
-            *episodes,
-            inner_lr=lr,
-            inner_steps=steps,
-            algorithm="fomaml",
-            params=params,
-            track_initial_loss=False,
+    results = []
+    for i in range(0, len(episodes), 8):  # a few episodes per call: memory stays small
+        part = Episode(*(t[i : i + 8] for t in batch))
+        with torch.enable_grad():
+            out = meta_loss(
+                net,
+                "cross_entropy",
+                *part,
+                inner_lr=lr,
+                inner_steps=steps,
+                algorithm="fomaml",
+                params=params,
+                track_initial_loss=False,
+            )
+        correct = out.query_predictions.argmax(-1) == part.query_y
+        results += correct.float().mean(1).tolist()
+    return results
+
+
+def csp_lda():
+    return make_pipeline(
+        CSP(n_components=4, reg="ledoit_wolf", log=True), LinearDiscriminantAnalysis()
+    )
+
+
+def csp_accuracies(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
+    episodes: list[tuple],
+    refit: bool,
+) -> list[float]:
+    """CSP+LDA query accuracy per episode: fitted on the training subjects' trials, and with
+    ``refit`` on those and the episode's support trials."""
+    zero_shot = None if refit else csp_lda().fit(train_x, train_y)
+    results = []
+    for support, query in episodes:
+        model = zero_shot
+        if refit:
+            fit_x = np.concatenate([train_x, x[support]])
+            model = csp_lda().fit(fit_x, np.concatenate([train_y, y[support]]))
+        results.append(float((model.predict(x[query]) == y[query]).mean()))
+    return results
+
+
+def run_fold(fold: int, args: argparse.Namespace, progress: tqdm) -> list[dict]:
+    data = make_data(fold, args)
+    data.prepare_data()
+    data.setup("fit")
+    progress.set_postfix_str(f"subject {fold} held out: training")
+    models = {NAMES.get(a, a): train(data, a, args) for a in args.algorithms}
+    models["joint"] = train(data, None, args)
+    torch.manual_seed(args.seed + fold)
+    scratch = make_net(data).eval()
+    x, y, _ = data.data["test"]
+    # the classical baseline on the paradigm's trials, unstandardised (CSP uses their covariance)
+    raw = {s: data.load_subject(s) for s in args.subjects}
+    train_x = np.concatenate([raw[s][0] for s in data.splits["train"]]).astype(np.float64)
+    train_y = np.concatenate([raw[s][1] for s in data.splits["train"]])
+    test_x, test_y = raw[fold][0].astype(np.float64), raw[fold][1]
+    assert (np.asarray(data.classes)[y.numpy()] == test_y).all()  # one trial order
+    rows = []
+    for k in args.k_shots:
+        episodes = held_out_episodes(y.numpy(), k, fold, args)
+        results = {
+            name: adapted_accuracies(net, x, y, episodes, args.inner_lr, args.eval_steps)
+            for name, net in models.items()
+        }
+        results["scratch"] = adapted_accuracies(
+            scratch, x, y, episodes, args.scratch_lr, args.scratch_steps
         )
-    correct = out.query_predictions.argmax(-1) == episodes.query_y
-    return correct.float().mean(1).tolist()
+        for refit, name in ((False, "CSP+LDA zero-shot"), (True, "CSP+LDA + K")):
+            results[name] = csp_accuracies(train_x, train_y, test_x, test_y, episodes, refit)
+        for name, accuracies in results.items():
+            rows.append({"method": name, "K": k, "fold": fold, "accuracies": accuracies})
+        progress.update()
+    return rows
+
+
+def t_interval(values: list[float]) -> tuple[float, float]:
+    """Mean and half-width of its 95% t interval (NaN half-width for one value)."""
+    a = np.asarray(values, dtype=float)
+    if len(a) < 2:
+        return float(a.mean()), float("nan")
+    return float(a.mean()), float(stats.t.ppf(0.975, len(a) - 1) * a.std(ddof=1) / np.sqrt(len(a)))
+
+
+def summarise(rows: list[dict], methods: list[str], args: argparse.Namespace) -> list[dict]:
+    summary = []
+    for method in methods:
+        for k in args.k_shots:
+            cells = [r for r in rows if r["method"] == method and r["K"] == k]
+            pooled = [a for r in cells for a in r["accuracies"]]
+            mean, ci = mean_and_ci95(pooled)
+            fold_means = [float(np.mean(r["accuracies"])) for r in cells]
+            _, fold_ci = t_interval(fold_means)
+            summary.append(
+                {
+                    "method": method,
+                    "K": k,
+                    "accuracy": mean,
+                    "ci95_episodes": ci,
+                    "ci95_folds": fold_ci,
+                    "fold_means": fold_means,
+                }
+            )
+    return summary
+
+
+def differences(summary: list[dict], reference: str, args: argparse.Namespace) -> list[dict]:
+    """Per K, ``reference`` minus each other method, per fold: mean and t interval."""
+    out = []
+    for k in args.k_shots:
+        mine = next(s for s in summary if s["method"] == reference and s["K"] == k)["fold_means"]
+        for s in summary:
+            if s["K"] != k or s["method"] == reference:
+                continue
+            mean, ci = t_interval([a - b for a, b in zip(mine, s["fold_means"])])
+            out.append({"K": k, "versus": s["method"], "difference": mean, "ci95_folds": ci})
+    return out
+
+
+def markdown(summary: list[dict], diffs: list[dict], reference: str, args) -> str:
+    trials = "imagined and executed" if args.with_executed else "imagined"
+    lines = [
+        f"2-way left/right fist ({trials} trials), leave-one-subject-out over subjects "
+        f"{args.subjects}: query accuracy, mean over {len(args.folds)} folds x {args.episodes} "
+        "episodes ± 95% interval over episodes [± t interval over folds]; chance 0.5.",
+        "",
+        "| method | " + " | ".join(f"K={k}" for k in args.k_shots) + " |",
+        "|---" * (len(args.k_shots) + 1) + "|",
+    ]
+    for method in dict.fromkeys(s["method"] for s in summary):
+        cells = [
+            f"{s['accuracy']:.3f} ± {s['ci95_episodes']:.3f} [± {s['ci95_folds']:.3f}]"
+            for s in summary
+            if s["method"] == method
+        ]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"{reference} minus each method, per fold (mean ± t interval over folds):",
+        "",
+        "| versus | " + " | ".join(f"K={k}" for k in args.k_shots) + " |",
+        "|---" * (len(args.k_shots) + 1) + "|",
+    ]
+    for versus in dict.fromkeys(d["versus"] for d in diffs):
+        cells = [
+            f"{d['difference']:+.3f} ± {d['ci95_folds']:.3f}"
+            for d in diffs
+            if d["versus"] == versus
+        ]
+        lines.append(f"| {versus} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(summary: list[dict], args: argparse.Namespace, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for method in dict.fromkeys(s["method"] for s in summary):
+        points = [s for s in summary if s["method"] == method]
+        ax.errorbar(
+            [s["K"] for s in points],
+            [s["accuracy"] for s in points],
+            yerr=[s["ci95_folds"] for s in points],
+            marker="o",
+            capsize=3,
+            label=method,
+        )
+    ax.axhline(0.5, color="grey", ls=":", label="chance")
+    ax.set_xticks(args.k_shots, [str(k) for k in args.k_shots])
+    ax.set_xlabel("K (labelled trials per class of the held-out subject)")
+    ax.set_ylabel("query accuracy (± t interval over folds)")
+    ax.set_title(f"PhysioNet left/right fist imagery, leave-one-subject-out ({len(args.folds)})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(args: argparse.Namespace) -> None:
@@ -171,92 +385,32 @@ def main(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    print(f"loading {args.subjects} synthetic subjects through MOABB ...", flush=True)
-    data = make_data(args)
-    data.prepare_data()
-    data.setup("fit")
-    load_seconds = time.perf_counter() - start
-    models = {"MAML": train(data, args.inner_steps, args), "joint": train(data, 0, args)}
-    torch.manual_seed(args.seed + 1)
-    models["scratch"] = make_net(data, args).eval()
-    train_seconds = time.perf_counter() - start - load_seconds
-
-    rows = []
-    chunk = 8  # test episodes per call: the progress bar moves every few seconds
-    chunks = math.ceil(args.episodes / chunk)
     progress = tqdm(
-        total=len(args.k_shots) * len(models) * chunks,
-        desc="evaluating",
-        disable=args.no_progress_bar,
+        total=len(args.folds) * len(args.k_shots), desc="folds x K", disable=args.no_progress_bar
     )
-    for k in args.k_shots:
-        test = data.episodes("test", args.episodes, seed=10_000 + k, k_shot=k)
-        episodes = Episode(*(torch.stack(parts) for parts in zip(*test)))
-        for name, net in models.items():
-            lr, steps = (
-                (args.scratch_lr, args.scratch_steps)
-                if name == "scratch"
-                else (args.inner_lr, args.eval_steps)
-            )
-            progress.set_postfix_str(f"K={k}, {name}")
-            tic = time.perf_counter()
-            per_episode = []
-            for start_index in range(0, args.episodes, chunk):
-                part = Episode(*(t[start_index : start_index + chunk] for t in episodes))
-                per_episode += accuracies(net, part, lr, steps)
-                progress.update()
-            accuracy, ci = mean_and_ci95(per_episode)
-            seconds = time.perf_counter() - tic
-            rows.append({"model": name, "K": k, "accuracy": accuracy, "ci95": ci, "s": seconds})
+    rows = []
+    for fold in args.folds:
+        rows += run_fold(fold, args, progress)
     progress.close()
     total = time.perf_counter() - start
 
-    chance = 1 / args.classes
-    print(
-        f"\nHeld-out subjects {data.splits['test']}: {args.classes}-way query accuracy "
-        f"(chance {chance:.2f}), mean ± 95% CI over {args.episodes} episodes of "
-        f"{args.query} query trials per class, after {args.meta_steps} meta-training steps:\n"
-    )
-    print("| model | " + " | ".join(f"K={k}" for k in args.k_shots) + " |")
-    print("|---" * (len(args.k_shots) + 1) + "|")
-    for name in models:
-        cells = [f"{r['accuracy']:.3f} ± {r['ci95']:.3f}" for r in rows if r["model"] == name]
-        print(f"| {name} | " + " | ".join(cells) + " |")
-
+    methods = [NAMES.get(a, a) for a in args.algorithms] + BASELINES
+    summary = summarise(rows, methods, args)
+    reference = methods[0]
+    diffs = differences(summary, reference, args)
+    table = markdown(summary, diffs, reference, args)
+    print("\n" + table)
+    (out / "results.md").write_text(table + "\n")
     figure = out / "eeg_accuracy.png"
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name in models:
-        points = [r for r in rows if r["model"] == name]
-        ax.errorbar(
-            [r["K"] for r in points],
-            [r["accuracy"] for r in points],
-            yerr=[r["ci95"] for r in points],
-            marker="o",
-            capsize=3,
-            label=name,
-        )
-    ax.axhline(chance, color="grey", ls=":", label="chance")
-    ax.set_xscale("log")
-    ax.set_xticks(args.k_shots, [str(k) for k in args.k_shots])
-    ax.set_xlabel("K (labelled trials per class of the new subject)")
-    ax.set_ylabel("query accuracy")
-    ax.set_title(f"EEGNet, synthetic motor imagery, {args.classes}-way, held-out subjects")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(figure, dpi=120)
-    plt.close(fig)
-    print(
-        f"\ndata {load_seconds:.1f} s, training {train_seconds:.0f} s, total {total:.0f} s; "
-        f"figure: {figure}"
-    )
+    plot(summary, args, figure)
+    print(f"\ntotal {total:.0f} s; table: {out / 'results.md'}, figure: {figure}")
     (out / "results.json").write_text(
         json.dumps(
             {
                 "args": vars(args),
-                "test_subjects": data.splits["test"],
+                "summary": summary,
+                "differences": diffs,
                 "rows": rows,
-                "load_seconds": load_seconds,
-                "train_seconds": train_seconds,
                 "total_seconds": total,
             },
             indent=2,

@@ -173,11 +173,16 @@ class MOABBDataModule(pl.LightningDataModule):
             episode, so a network has one output per class); ``True`` maps each episode's classes
             to ``0..n_way-1`` in random order, so a class takes different labels in different
             episodes.
-        standardize: ``"subject"`` (default) or ``"none"``.
+        standardize: ``"subject"`` (default: each channel to zero mean and unit variance over all
+            of a subject's trials), ``"trial"`` (over each trial's own samples: no statistics
+            shared between trials, so held-out query trials inform nothing else) or ``"none"``.
         cache_dir: where preprocessed arrays go (default ``<MNE data folder>/lightning_maml``).
         seed: seed of the split and the episodes.
         num_workers: DataLoader worker processes.
         dataset_kwargs: arguments of the dataset class when ``dataset`` is a name.
+        dataset_attributes: attributes set on the dataset after it is built, for settings a
+            MOABB dataset takes as attributes rather than arguments (e.g. ``PhysionetMI``'s
+            ``{"hand_runs": [4], "feet_runs": []}`` to load only the runs present offline).
 
     Raises:
         ValueError: on unknown subjects, overlapping splits, an empty split or counts below 1.
@@ -222,6 +227,7 @@ class MOABBDataModule(pl.LightningDataModule):
         seed: int = 0,
         num_workers: int = 0,
         dataset_kwargs: dict | None = None,
+        dataset_attributes: dict | None = None,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -233,9 +239,18 @@ class MOABBDataModule(pl.LightningDataModule):
             ("num_eval_episodes", num_eval_episodes),
         ):
             check_count(value, name)
-        if standardize not in ("subject", "none"):
-            raise ValueError(f"`standardize` must be 'subject' or 'none', got {standardize!r}")
+        if standardize not in ("subject", "trial", "none"):
+            raise ValueError(
+                f"`standardize` must be 'subject', 'trial' or 'none', got {standardize!r}"
+            )
         self.dataset = _resolve(dataset, "moabb.datasets", dataset_kwargs, "dataset")
+        for name, value in (dataset_attributes or {}).items():
+            if not hasattr(self.dataset, name):
+                raise ValueError(
+                    f"`dataset_attributes` names {name!r}, which "
+                    f"{type(self.dataset).__name__} does not have"
+                )
+            setattr(self.dataset, name, value)
         self.paradigm = _resolve(paradigm, "moabb.paradigms", paradigm_kwargs, "paradigm")
         self._paradigm_key = _describe(self.paradigm)  # before get_data, which sets attributes
         self._dataset_key: str | None = None  # on first use, after the user's own settings
@@ -341,9 +356,10 @@ class MOABBDataModule(pl.LightningDataModule):
             xs, ys, ids = [], [], []
             for s in subjects:
                 x, y = loaded[s]
-                if self.standardize == "subject":
-                    mean = x.mean(axis=(0, 2), keepdims=True)
-                    std = x.std(axis=(0, 2), keepdims=True) + 1e-8
+                if self.standardize != "none":
+                    axes = (0, 2) if self.standardize == "subject" else (2,)
+                    mean = x.mean(axis=axes, keepdims=True)
+                    std = x.std(axis=axes, keepdims=True) + 1e-8
                     x = (x - mean) / std
                 xs.append(torch.as_tensor(x))
                 ys.append(torch.as_tensor([index[c] for c in y]))

@@ -314,3 +314,40 @@ def test_a_failed_download_leaves_no_empty_folders_and_one_short_error(tmp_path,
         dm.load_subject(1)
     assert info.value.__cause__ is None and info.value.__suppress_context__
     assert sorted(p.name for p in data_folder.iterdir()) == ["kept", "partial"]
+
+
+@pytest.mark.skipif(not SHARED.exists(), reason=f"real PhysioNet files not found at {SHARED}")
+def test_the_shipped_physionet_config_trains_on_all_five_real_subjects(tmp_path, monkeypatch):
+    """The real path end to end, offline: MOABB's PhysionetMI and LeftRightImagery load all five
+    subjects from a copy of the data, and one short fold (subjects 1-3 meta-train, 4 validates, 5
+    is held out) meta-trains and tests through the shipped config."""
+    import yaml
+
+    from lightning_maml.cli import build_cli
+
+    data = tmp_path / "mne_data"
+    shutil.copytree(SHARED, data)
+    for name in ("MNE_DATA", "MNE_DATASETS_EEGBCI_PATH"):
+        monkeypatch.setenv(name, str(data))
+    monkeypatch.setenv("MOABB_DOWNLOAD_PROVIDER", "upstream")
+    config = yaml.safe_load(
+        (Path(__file__).resolve().parents[2] / "configs" / "eeg_physionet.yaml").read_text()
+    )
+    config["trainer"].update(max_steps=2, enable_progress_bar=False, default_root_dir=str(tmp_path))
+    config["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path)
+    config["data"]["init_args"].update(num_eval_episodes=2, episodes_per_epoch=8)
+    path = tmp_path / "physionet.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cli = build_cli(["fit", "--config", str(path)])
+    assert cli.trainer.global_step == 2
+    dm = cli.datamodule
+    assert dm.classes == ["left_hand", "right_hand"]
+    shapes = {split: tuple(x.shape) for split, (x, _, _) in dm.data.items()}
+    assert shapes == {"train": (45, 64, 240), "val": (15, 64, 240), "test": (15, 64, 240)}
+    subjects = {split: sorted(set(ids.tolist())) for split, (_, _, ids) in dm.data.items()}
+    assert subjects == {"train": [1, 2, 3], "val": [4], "test": [5]}
+    # each trial standardised on its own
+    x = dm.data["test"][0]
+    assert torch.allclose(x.mean(dim=2), torch.zeros(()), atol=1e-4)
+    metrics = cli.trainer.test(cli.model, datamodule=dm, verbose=False)[0]
+    assert 0.0 <= metrics["test/query_acc_after"] <= 1.0
