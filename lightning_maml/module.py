@@ -8,6 +8,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
@@ -23,6 +24,7 @@ from lightning_maml.functional import (
     Algorithm,
     Executor,
     MetaLossOutput,
+    episode_metrics,
     meta_loss,
     resolve_algorithm,
     resolve_loss,
@@ -101,6 +103,11 @@ class MAMLModule(pl.LightningModule):
             minute, again for each new batch shape), later steps run several times faster on small
             networks. Validation and test stay eager. A string picks a ``torch.compile`` mode
             (e.g. ``"reduce-overhead"``: CUDA graphs on a GPU).
+        optimizers_from: an existing ``LightningModule`` whose ``configure_optimizers`` (its
+            optimizers and learning-rate schedulers, as it returns them) this module uses, for a
+            ``net`` taken from it: ``MAMLModule(existing.model, optimizers_from=existing)``. Its
+            optimizers must cover exactly this module's meta-parameters (checked at the start of
+            fitting); not with ``optimizer`` or ``meta_lr``.
         checkpoint_inner_steps: checkpoint each inner step of second-order training (see
             :func:`lightning_maml.functional.meta_loss`): peak memory stays near one step's
             whatever ``inner_steps`` is, for about the cost of a second forward pass of the inner
@@ -136,6 +143,7 @@ class MAMLModule(pl.LightningModule):
         track_initial_loss: bool = True,
         compile: bool | str = False,
         checkpoint_inner_steps: bool = False,
+        optimizers_from: pl.LightningModule | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(net, nn.Module):
@@ -154,6 +162,16 @@ class MAMLModule(pl.LightningModule):
         algorithm_object = resolve_algorithm(algorithm)
         algorithm_object.bind(split_parameters(net)[0], self.inner_lr, self.inner_steps)
         check_vectorize(vectorize)
+        if optimizers_from is not None:
+            if not isinstance(optimizers_from, pl.LightningModule):
+                raise TypeError(
+                    "`optimizers_from` must be a LightningModule, got "
+                    f"{type(optimizers_from).__name__}"
+                )
+            if optimizer is not None or meta_lr is not None:
+                raise ValueError(
+                    "`optimizers_from` gives the optimizers; leave `optimizer` and `meta_lr` out"
+                )
         if optimizer is None:
             meta_lr = 1e-3 if meta_lr is None else check_inner_lr(meta_lr, "meta_lr", positive=True)
         elif not callable(optimizer):
@@ -175,13 +193,16 @@ class MAMLModule(pl.LightningModule):
             checkpoint_inner_steps, vectorize, compile
         )
         self.classification = loss == "cross_entropy" if classification is None else classification
-        ignore = ["net", "optimizer"] + ([] if isinstance(loss, str) else ["loss"])
+        ignore = ["net", "optimizer", "optimizers_from"]
+        ignore += [] if isinstance(loss, str) else ["loss"]
         ignore += [] if isinstance(algorithm, str) else ["algorithm"]
         self.save_hyperparameters(ignore=ignore)
         self.net = net
         self.algorithm = algorithm_object
         #: what this module's meta-losses remember between batches (vmap decisions, compiled code)
         self.executor = Executor()
+        # not a submodule: its parameters are net's, registered once
+        self.__dict__["optimizers_from"] = optimizers_from
         self.last_meta_output: MetaLossOutput | None = None
         # per-epoch (sum, count) of the training values; folded into train_metrics at epoch end
         self._train_totals: dict[str, tuple[Tensor, int]] = {}
@@ -195,6 +216,22 @@ class MAMLModule(pl.LightningModule):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
+
+    def on_fit_start(self) -> None:
+        if self.optimizers_from is None:
+            return
+        optimized = {
+            id(p) for o in self.trainer.optimizers for g in o.param_groups for p in g["params"]
+        }
+        meta = self.meta_parameters()
+        missing = [n for n, p in meta.items() if id(p) not in optimized]
+        foreign = len(optimized - {id(p) for p in meta.values()})
+        if missing or foreign:
+            raise MisconfigurationException(
+                f"the optimizers of {type(self.optimizers_from).__name__}.configure_optimizers "
+                f"must cover exactly the meta-parameters: missing {missing}, and {foreign} "
+                "tensors that are not meta-parameters"
+            )
 
     def meta_forward(
         self, batch: Any, inner_steps: int | None = None, train: bool = True
@@ -250,16 +287,7 @@ class MAMLModule(pl.LightningModule):
         return self.meta_forward(batch).loss
 
     def _metric_values(self, out: MetaLossOutput, batch: Episode) -> dict[str, Tensor]:
-        values: dict[str, Tensor] = {"query_loss_after": out.query_losses}
-        if out.initial_query_losses is not None:
-            values["query_loss_before"] = out.initial_query_losses
-        if self.classification:
-            target = batch.query_y
-            if target.is_floating_point():  # class probabilities: the most probable class
-                target = target.argmax(dim=2)
-            correct = out.query_predictions.argmax(dim=2) == target
-            values["query_acc_after"] = correct.float().flatten()
-        return values
+        return episode_metrics(out, batch.query_y, self.classification)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         episode = as_episode(batch)
@@ -318,7 +346,10 @@ class MAMLModule(pl.LightningModule):
     def test_step(self, batch: Any, batch_idx: int) -> None:
         self._evaluate(batch, "test")
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> Any:
+        if self.optimizers_from is not None:
+            self.optimizers_from.trainer = self.trainer  # its hook may ask the Trainer
+            return self.optimizers_from.configure_optimizers()
         # the network's parameters and the algorithm's learned step sizes, if any
         params = [*self.net.parameters(), *self.algorithm.parameters()]
         if self.optimizer is not None:

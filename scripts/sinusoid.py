@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import statistics
 import time
 from pathlib import Path
 
@@ -195,17 +197,36 @@ def main() -> None:
     for name, module in models.items():
         for k_shot in (5, 10):
             for steps in (1, 10):
-                mse, ci = mean_and_ci95(evaluate(module, k_shot, steps, args))
-                rows.append({"model": name, "K": k_shot, "steps": steps, "mse": mse, "ci95": ci})
+                losses = evaluate(module, k_shot, steps, args)
+                mse, ci = mean_and_ci95(losses)
+                diverged = sum(not math.isfinite(v) for v in losses)
+                rows.append(
+                    {
+                        "model": name,
+                        "K": k_shot,
+                        "steps": steps,
+                        "mse": mse,
+                        "ci95": ci,
+                        "median": statistics.median(losses) if not diverged else math.nan,
+                        "diverged": diverged,
+                    }
+                )
     table = [
         f"Held-out query MSE, mean ± 95% CI over {args.eval_tasks} tasks ({args.eval_query} query "
-        f"points each), after {args.iterations} meta-iterations:",
+        f"points each), after {args.iterations} meta-iterations ('diverges': some tasks' loss "
+        "overflowed to inf or NaN):",
         "",
         "| model | K=5, 1 step | K=5, 10 steps | K=10, 1 step | K=10, 10 steps |",
         "|---|---|---|---|---|",
     ]
     for name in models:
-        cells = [f"{r['mse']:.3f} ± {r['ci95']:.3f}" for r in rows if r["model"] == name]
+        cells = [
+            f"diverges on {r['diverged']} of {args.eval_tasks} tasks"
+            if r["diverged"]
+            else f"{r['mse']:.3f} ± {r['ci95']:.3f}"
+            for r in rows
+            if r["model"] == name
+        ]
         table.append(f"| {name} | " + " | ".join(cells) + " |")
     print("\n" + "\n".join(table))
     (out / "results.md").write_text("\n".join(table) + "\n")

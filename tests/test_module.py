@@ -1,5 +1,6 @@
 """MAMLModule inside Lightning: learning signal, gradients vs a reference, Trainer features, DDP."""
 
+import copy
 import csv
 import functools
 import math
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from reference import unrolled_meta_loss
 from tasks import quiet_trainer, regression_tasks, tanh_mlp
 from torch import nn
@@ -20,7 +22,7 @@ from lightning_maml import Episode, MAMLModule
 from lightning_maml.callbacks import MetaGradientCheck
 from lightning_maml.datamodules import SinusoidDataModule
 from lightning_maml.datamodules.sinusoid import TaskSet
-from lightning_maml.functional import mse_loss
+from lightning_maml.functional import episode_metrics, meta_loss, mse_loss
 from lightning_maml.models import MLP
 
 
@@ -324,3 +326,76 @@ def test_evaluation_adapts_with_the_learned_step_sizes():
     still = module.meta_forward(batch, train=False)
     assert not torch.allclose(adapted.query_losses, adapted.initial_query_losses)
     assert torch.allclose(still.query_losses, still.initial_query_losses)
+
+
+class _OwnFewShotModule(pl.LightningModule):
+    """A user's own module: its network, its training_step calling the functional meta-loss."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def training_step(self, batch, batch_idx):
+        out = meta_loss(self.net, "mse", *batch, inner_lr=0.3, inner_steps=2)
+        metrics = episode_metrics(out, batch.query_y)
+        self.log_dict({f"train/{k}": v.mean() for k, v in metrics.items()})
+        return out.loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.net.parameters(), lr=0.05)
+
+
+@pytest.mark.filterwarnings("ignore:You passed in a `val_dataloader` but have no `validation_step`")
+def test_the_meta_loss_in_a_users_own_module_trains_as_maml_module_does():
+    data = SinusoidDataModule(meta_batch_size=4, batches_per_epoch=5, num_val_tasks=4)
+    torch.manual_seed(0)
+    own = _OwnFewShotModule(tanh_mlp())
+    ours = MAMLModule(
+        copy.deepcopy(own.net),
+        inner_lr=0.3,
+        inner_steps=2,
+        optimizer=functools.partial(torch.optim.SGD, lr=0.05),
+    )
+    trainers = [quiet_trainer(max_steps=3, limit_val_batches=0) for _ in range(2)]
+    trainers[0].fit(own, data)
+    trainers[1].fit(ours, data)
+    for a, b in zip(own.net.parameters(), ours.net.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    logged = trainers[0].callback_metrics
+    assert {"train/query_loss_after", "train/query_loss_before"} <= set(logged)
+
+
+class _ExistingClassifier(pl.LightningModule):
+    def __init__(self, part_only=False):
+        super().__init__()
+        self.model = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1))
+        self.part_only = part_only
+
+    def configure_optimizers(self):
+        params = self.model[2].parameters() if self.part_only else self.model.parameters()
+        optimizer = torch.optim.SGD(params, lr=0.5)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+
+def test_maml_module_honours_an_existing_modules_optimizers_and_schedulers():
+    existing = _ExistingClassifier()
+    module = MAMLModule(existing.model, inner_lr=0.01, optimizers_from=existing)
+    assert "optimizers_from" not in module.hparams and not any(
+        name.startswith("optimizers_from") for name, _ in module.named_parameters()
+    )
+    data = SinusoidDataModule(meta_batch_size=4, batches_per_epoch=5, num_val_tasks=4)
+    trainer = quiet_trainer(max_steps=3, limit_val_batches=0)
+    trainer.fit(module, data)
+    assert isinstance(trainer.optimizers[0], torch.optim.SGD)
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.5 * 0.5**3)
+    partial = _ExistingClassifier(part_only=True)
+    with pytest.raises(MisconfigurationException, match=r"missing \['0.weight', '0.bias'\]"):
+        quiet_trainer(max_steps=1).fit(
+            MAMLModule(partial.model, inner_lr=0.01, optimizers_from=partial), data
+        )
+    with pytest.raises(ValueError, match="leave `optimizer` and `meta_lr` out"):
+        MAMLModule(existing.model, meta_lr=0.1, optimizers_from=existing)

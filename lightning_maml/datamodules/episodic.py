@@ -1,4 +1,5 @@
-"""N-way K-shot episodes from any labelled data grouped by task (e.g. one task per EEG subject)."""
+"""N-way K-shot episodes from any labelled data grouped by task (e.g. one task per EEG subject):
+trials held in memory as one tensor, or any map-style ``Dataset`` read sample by sample."""
 
 from __future__ import annotations
 
@@ -24,7 +25,10 @@ class EpisodicDataset(Dataset):
     :class:`EpisodeSampler`) swaps it for a fresh one.
 
     Args:
-        x: ``[N, *features]`` trials.
+        x: ``[N, *features]`` trials, or any map-style ``Dataset`` of ``N`` samples (each an
+            input, or a tuple whose first element is the input): an episode then reads exactly
+            its samples, each once, through the dataset's ``__getitem__`` (in the DataLoader's
+            workers, with the dataset's own transforms), and nothing before.
         y: ``[N]`` integer class labels.
         task_ids: ``[N]`` task of each trial (e.g. subject numbers).
         n_way: classes per episode.
@@ -78,6 +82,10 @@ class EpisodicDataset(Dataset):
                 f"`x`, `y` and `task_ids` must have the same length, got {len(x)}, {len(y)} and "
                 f"{len(task_ids)}"
             )
+        if not isinstance(x, Tensor) and not isinstance(x, Dataset):
+            raise TypeError(f"`x` must be a Tensor or a map-style Dataset, got {type(x).__name__}")
+        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+            raise ValueError(f"`y` must hold integer class labels, got dtype {y.dtype}")
         self.x, self.y = x, y
         self.n_way, self.k_shot, self.query_size = n_way, k_shot, query_size
         self.num_episodes, self.relabel, self.seed = num_episodes, relabel, seed
@@ -131,11 +139,18 @@ class EpisodicDataset(Dataset):
         support_idx = torch.as_tensor(np.concatenate(support))
         query_idx = torch.as_tensor(np.concatenate(query))
         return Episode(
-            self.x[support_idx],
+            self._read(support_idx),
             torch.tensor(support_y),
-            self.x[query_idx],
+            self._read(query_idx),
             torch.tensor(query_y),
         )
+
+    def _read(self, indices: Tensor) -> Tensor:
+        if isinstance(self.x, Tensor):
+            return self.x[indices]
+        samples = [self.x[int(i)] for i in indices]
+        inputs = [s[0] if isinstance(s, (tuple, list)) else s for s in samples]
+        return torch.stack([torch.as_tensor(t) for t in inputs])
 
 
 class EpisodeSampler(Sampler[int]):

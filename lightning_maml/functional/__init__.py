@@ -59,7 +59,12 @@ from lightning_maml.functional.algorithms import (
 from lightning_maml.functional.execution import Executor, vmap_pays_off
 from lightning_maml.functional.inner import adapt_parameters, sgd_step, support_gradients
 from lightning_maml.functional.losses import LossFn, cross_entropy_loss, mse_loss, resolve_loss
-from lightning_maml.functional.meta_loss import MetaLossOutput, meta_loss, meta_objective
+from lightning_maml.functional.meta_loss import (
+    MetaLossOutput,
+    episode_metrics,
+    meta_loss,
+    meta_objective,
+)
 from lightning_maml.functional.parameters import forward, split_parameters, task_batch_norm
 
 __all__ = [
@@ -84,6 +89,7 @@ __all__ = [
     "check_inner_lr",
     "check_inner_steps",
     "cross_entropy_loss",
+    "episode_metrics",
     "forward",
     "meta_loss",
     "meta_objective",

@@ -64,6 +64,37 @@ class MetaLossOutput(NamedTuple):
     vectorized: bool
 
 
+def episode_metrics(
+    out: MetaLossOutput, query_y: Tensor, classification: bool = False
+) -> dict[str, Tensor]:
+    """What :class:`~lightning_maml.MAMLModule` logs of a batch, from its :func:`meta_loss`
+    output and query targets, as tensors to average: ``query_loss_after`` (per task),
+    ``query_loss_before`` (per task, where computed) and, with ``classification``,
+    ``query_acc_after`` (per query example; soft targets count their most probable class).
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Linear(4, 3)
+        >>> sx, qx = torch.randn(2, 6, 4), torch.randn(2, 6, 4)
+        >>> sy, qy = torch.randint(0, 3, (2, 6)), torch.randint(0, 3, (2, 6))
+        >>> out = meta_loss(net, "cross_entropy", sx, sy, qx, qy, inner_lr=0.1)
+        >>> {k: tuple(v.shape) for k, v in episode_metrics(out, qy, classification=True).items()}
+        {'query_loss_after': (2,), 'query_loss_before': (2,), 'query_acc_after': (12,)}
+    """
+    values: dict[str, Tensor] = {"query_loss_after": out.query_losses}
+    if out.initial_query_losses is not None:
+        values["query_loss_before"] = out.initial_query_losses
+    if classification:
+        target = query_y
+        if target.is_floating_point():  # class probabilities: the most probable class
+            target = target.argmax(dim=2)
+        correct = out.query_predictions.argmax(dim=2) == target
+        values["query_acc_after"] = correct.float().flatten()
+    return values
+
+
 def meta_loss(
     net: nn.Module,
     loss_fn: str | LossFn,

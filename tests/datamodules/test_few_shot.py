@@ -1,0 +1,233 @@
+"""FewShotDataModule: lazy episodes from map-style datasets, class/group splits, errors, DDP."""
+
+import multiprocessing
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from tasks import quiet_trainer
+from torch.utils.data import Dataset, TensorDataset
+
+from lightning_maml import MAMLModule
+from lightning_maml.datamodules import FewShotDataModule, read_labels
+from lightning_maml.datamodules.resumable import ResumableLoader
+
+
+class CountingDataset(Dataset):
+    """40 samples of each of 10 classes; counts every __getitem__ (across worker processes)."""
+
+    def __init__(self, n_classes=10, per_class=40, with_targets=False):
+        self.y = torch.arange(n_classes).repeat_interleave(per_class)
+        self.x = torch.randn(len(self.y), 4, generator=torch.Generator().manual_seed(0))
+        self.calls = multiprocessing.Value("i", 0)
+        self.reads = multiprocessing.Manager().list()
+        if with_targets:
+            self.targets = self.y.tolist()
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        with self.calls.get_lock():
+            self.calls.value += 1
+        self.reads.append(i)
+        return self.x[i] * 1.0, int(self.y[i])
+
+
+def test_nothing_is_read_up_front_and_each_sample_once_per_episode():
+    data = CountingDataset(with_targets=True)
+    dm = FewShotDataModule(
+        data, n_way=3, k_shot=2, query_size=3, meta_batch_size=2, fractions=(0.4, 0.3, 0.3)
+    )
+    dm.setup("fit")
+    assert data.calls.value == 0  # labels from `targets`, episodes not drawn yet
+    batch = next(iter(dm.train_dataloader()))
+    assert data.calls.value == 2 * 3 * (2 + 3)
+    assert len(set(data.reads)) == len(data.reads)  # no sample read twice
+    # the samples are the dataset's own, and the episode's labels are 0..n_way-1
+    assert sorted(batch.support_y[0].tolist()) == [0, 0, 1, 1, 2, 2]
+
+
+def test_labels_are_read_once_when_not_given_and_samples_in_workers():
+    data = CountingDataset()
+    dm = FewShotDataModule(
+        data,
+        n_way=3,
+        k_shot=2,
+        query_size=3,
+        meta_batch_size=2,
+        num_workers=2,
+        fractions=(0.4, 0.3, 0.3),
+    )
+    dm.setup("fit")
+    assert data.calls.value == len(data)  # one pass for the labels
+    dm.setup("fit")
+    assert data.calls.value == len(data)
+    before = data.calls.value
+    next(iter(dm.train_dataloader()))
+    assert data.calls.value > before  # counted in the worker processes
+
+
+def test_classes_are_split_disjointly_and_episodes_use_their_split_only():
+    labels = torch.arange(10).repeat_interleave(40)
+    data = TensorDataset(labels.float().view(-1, 1).repeat(1, 4), labels)  # input = its class
+    dm = FewShotDataModule(
+        data,
+        classes={"train": [0, 1, 2, 3, 4, 5], "test": [7, 8, 9]},
+        n_way=3,
+        k_shot=2,
+        query_size=3,
+        meta_batch_size=8,
+    )
+    dm.setup()
+    assert dm.val_dataloader() == []  # no val classes: nothing to validate on
+    for split, allowed in (("train", {0, 1, 2, 3, 4, 5}), ("test", {7, 8, 9})):
+        loader = dm.train_dataloader() if split == "train" else dm.test_dataloader()
+        for batch in loader:
+            seen = set(batch.support_x[..., 0].flatten().tolist())
+            seen |= set(batch.query_x[..., 0].flatten().tolist())
+            assert seen <= allowed
+            assert batch.support_x.shape[1] == 6 and batch.query_x.shape[1] == 9
+
+
+def test_given_classes_with_too_few_for_an_episode_are_refused_clearly():
+    data = TensorDataset(torch.randn(400, 4), torch.arange(10).repeat_interleave(40))
+    dm = FewShotDataModule(data, classes={"train": [0, 1, 2], "test": [7, 8]}, n_way=3)
+    with pytest.raises(ValueError, match="test split: task 0 has 2 classes"):
+        dm.setup()
+    short = TensorDataset(torch.randn(60, 4), torch.tensor([0] * 50 + [1] * 5 + [2] * 5))
+    dm = FewShotDataModule(short, classes={"train": [0, 1, 2]}, n_way=2, k_shot=3, query_size=5)
+    with pytest.raises(ValueError, match=r"short of that: \{1: 5, 2: 5\}"):
+        dm.setup()
+
+
+def test_overlapping_splits_and_bad_labels_are_refused():
+    data = TensorDataset(torch.randn(400, 4), torch.arange(10).repeat_interleave(40))
+    with pytest.raises(ValueError, match=r"train and test splits share classes \[2\]"):
+        FewShotDataModule(data, classes={"train": [0, 1, 2], "test": [2, 3, 4]}).setup()
+    other = TensorDataset(torch.randn(40, 4), torch.full((40,), 3))
+    with pytest.raises(ValueError, match=r"train and val splits share classes \[3\]"):
+        FewShotDataModule(train=data, val=other).setup()
+    floats = TensorDataset(torch.randn(40, 4), torch.rand(40))
+    with pytest.raises(ValueError, match="must be integer class labels; item 0 is"):
+        FewShotDataModule(floats).setup()
+    with pytest.raises(ValueError, match="either `dataset`"):
+        FewShotDataModule(data, train=data)
+    with pytest.raises(ValueError, match="`labels` has 3 entries for 400 samples"):
+        FewShotDataModule(data, labels=[0, 1, 2]).setup()
+
+
+def test_groups_make_tasks_and_split_disjointly():
+    labels = np.tile([0, 1], 200)
+    subjects = np.repeat(np.arange(1, 11), 40)
+    data = TensorDataset(torch.randn(400, 4), torch.as_tensor(labels))
+    dm = FewShotDataModule(
+        data,
+        groups=subjects,
+        n_way=2,
+        k_shot=3,
+        query_size=3,
+        meta_batch_size=5,
+        fractions=(0.6, 0.2, 0.2),
+    )
+    dm.setup()
+    assert sorted(sum(dm.split_classes.values(), [])) == list(range(1, 11))
+    train_subjects = set(dm.split_classes["train"])
+    _, _, tasks = dm.splits["train"]
+    assert set(tasks.tolist()) == train_subjects
+
+
+def test_fresh_seeded_episodes_every_epoch_and_a_resumable_loader():
+    data = TensorDataset(torch.randn(400, 4), torch.arange(10).repeat_interleave(40))
+
+    def first(epoch, seed=0):
+        dm = FewShotDataModule(
+            data, n_way=3, k_shot=2, query_size=3, seed=seed, fractions=(0.4, 0.3, 0.3)
+        )
+        dm.setup()
+        loader = dm.train_dataloader()
+        assert isinstance(loader, ResumableLoader)
+        loader.sampler.set_epoch(epoch)
+        loader.dataset.set_epoch(epoch)
+        return next(iter(torch.utils.data.DataLoader(loader.dataset, batch_size=4))).support_x
+
+    assert torch.equal(first(0), first(0))
+    assert not torch.equal(first(0), first(1))
+    assert not torch.equal(first(0), first(0, seed=1))
+
+
+class _Digits(pl.LightningDataModule):
+    """An ordinary project DataModule: train/val/test datasets with disjoint classes."""
+
+    def setup(self, stage=None):
+        x = torch.randn(600, 4, generator=torch.Generator().manual_seed(0))
+        y = torch.arange(15).repeat_interleave(40)
+        self.train_set = TensorDataset(x[:360], y[:360])
+        self.val_set = TensorDataset(x[360:480], y[360:480])
+        self.test_set = TensorDataset(x[480:], y[480:])
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(self.train_set, batch_size=32, shuffle=True)
+
+    def val_dataloader(self):
+        return torch.utils.data.DataLoader(self.val_set, batch_size=32)
+
+    def test_dataloader(self):
+        return torch.utils.data.DataLoader(self.test_set, batch_size=32)
+
+
+def test_episodes_from_an_existing_datamodule_train_and_test():
+    dm = FewShotDataModule.from_datamodule(
+        _Digits(),
+        n_way=3,
+        k_shot=2,
+        query_size=3,
+        meta_batch_size=2,
+        episodes_per_epoch=6,
+        num_eval_episodes=4,
+    )
+    dm.setup()
+    assert dm.split_classes == {"train": list(range(9)), "val": [9, 10, 11], "test": [12, 13, 14]}
+    module = MAMLModule(torch.nn.Linear(4, 3), loss="cross_entropy", inner_lr=0.1)
+    trainer = quiet_trainer(max_steps=3)
+    trainer.fit(module, dm)
+    assert trainer.test(module, dm, verbose=False)[0]["test/query_acc_after"] >= 0
+
+
+def test_read_labels_refuses_samples_without_labels():
+    with pytest.raises(ValueError, match="sample 0 of TensorDataset is not an"):
+        read_labels(TensorDataset(torch.randn(3, 2)))
+
+
+class _RecordBatches(pl.Callback):
+    def __init__(self, directory):
+        self.directory = directory
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        torch.save(batch.support_x, self.directory / f"rank{trainer.global_rank}-{batch_idx}.pt")
+
+
+def test_ddp_ranks_draw_different_episodes(tmp_path):
+    data = TensorDataset(torch.randn(400, 4), torch.arange(10).repeat_interleave(40))
+    dm = FewShotDataModule(
+        data,
+        n_way=3,
+        k_shot=2,
+        query_size=3,
+        meta_batch_size=2,
+        episodes_per_epoch=8,
+        fractions=(0.4, 0.3, 0.3),
+    )
+    module = MAMLModule(torch.nn.Linear(4, 3), loss="cross_entropy", inner_lr=0.1)
+    trainer = quiet_trainer(
+        max_steps=2,
+        devices=2,
+        strategy="ddp_spawn",
+        limit_val_batches=0,
+        callbacks=[_RecordBatches(tmp_path)],
+    )
+    trainer.fit(module, dm)
+    for i in range(2):
+        rank0, rank1 = (torch.load(tmp_path / f"rank{r}-{i}.pt") for r in (0, 1))
+        assert not torch.equal(rank0, rank1)
