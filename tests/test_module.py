@@ -345,7 +345,6 @@ class _OwnFewShotModule(pl.LightningModule):
         return torch.optim.SGD(self.net.parameters(), lr=0.05)
 
 
-@pytest.mark.filterwarnings("ignore:You passed in a `val_dataloader` but have no `validation_step`")
 def test_the_meta_loss_in_a_users_own_module_trains_as_maml_module_does():
     data = SinusoidDataModule(meta_batch_size=4, batches_per_epoch=5, num_val_tasks=4)
     torch.manual_seed(0)
