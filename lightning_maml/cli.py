@@ -6,6 +6,8 @@ The network and the DataModule are chosen by class path in the config, e.g.
 
 from __future__ import annotations
 
+import warnings
+
 import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningCLI
 
@@ -48,6 +50,10 @@ def build_cli(args: list[str] | None = None) -> LightningCLI:
 
 def main() -> None:
     """Entry point of the ``lightning-maml`` console script and ``python -m lightning_maml``."""
+    # raised inside Lightning 2.6 on every run (torch deprecated LeafSpec); nothing to act on
+    warnings.filterwarnings("ignore", message=r".*LeafSpec", category=FutureWarning)
+    # the task streams split their batches between DataLoader workers: their lengths are exact
+    warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
     build_cli()
     end_process_group()  # under DDP on CPU, see end_process_group
 
