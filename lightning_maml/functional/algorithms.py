@@ -282,7 +282,7 @@ class MAMLPlusPlus(Algorithm):
         names = self.adapted(params)
         steps = max(inner_steps, 1)
         self.lslr = nn.ParameterList(
-            [nn.Parameter(torch.full((steps,), inner_lr, dtype=params[n].dtype)) for n in names]
+            [nn.Parameter(params[n].new_full((steps,), inner_lr).detach()) for n in names]
         )
         self._lr_names = names
 
