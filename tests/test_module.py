@@ -134,7 +134,7 @@ def test_epoch_means_are_the_means_over_every_task_of_the_epoch(tmp_path):
 
 
 def test_checkpoint_resume_continues_the_same_trajectory(tmp_path):
-    def run(max_epochs, ckpt=None):
+    def run(max_epochs, folder, ckpt=None):
         pl.seed_everything(0)
         module = MAMLModule(MLP(), inner_lr=0.01)
         data = SinusoidDataModule(meta_batch_size=4, batches_per_epoch=3)
@@ -142,15 +142,15 @@ def test_checkpoint_resume_continues_the_same_trajectory(tmp_path):
             max_epochs=max_epochs,
             limit_val_batches=0,
             enable_checkpointing=True,
-            default_root_dir=tmp_path,
+            default_root_dir=tmp_path / folder,
         )
         trainer.fit(module, data, ckpt_path=ckpt)
         return module, trainer
 
-    continuous, _ = run(2)
-    _, first = run(1)
+    continuous, _ = run(2, "continuous")
+    _, first = run(1, "first")
     ckpt = first.checkpoint_callback.best_model_path
-    resumed, _ = run(2, ckpt)
+    resumed, _ = run(2, "resumed", ckpt)
     for a, b in zip(continuous.net.parameters(), resumed.net.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     loaded = MAMLModule.load_from_checkpoint(ckpt, net=MLP())
