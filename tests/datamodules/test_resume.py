@@ -120,3 +120,30 @@ def test_ddp_resume_continues_the_same_task_stream(tmp_path):
     whole = _fit(tmp_path / "whole", data, 30, **ddp)
     resumed = _fit(tmp_path / "resumed", data, 30, ckpt=_checkpoint(whole, 20), **ddp)
     _assert_same_final_state(whole, resumed)
+
+
+def test_few_shot_resume_continues_the_same_episodes(tmp_path):
+    from torch.utils.data import TensorDataset
+
+    from lightning_maml.datamodules import FewShotDataModule
+
+    samples = TensorDataset(torch.randn(400, 4), torch.arange(10).repeat_interleave(40))
+
+    def data():
+        return FewShotDataModule(
+            samples,
+            n_way=3,
+            k_shot=2,
+            query_size=2,
+            meta_batch_size=2,
+            episodes_per_epoch=32,  # 16 batches an epoch
+            fractions=(0.4, 0.3, 0.3),
+            num_workers=1,
+        )
+
+    def module():
+        return MAMLModule(torch.nn.Linear(4, 3), loss="cross_entropy", inner_lr=0.1)
+
+    whole = _fit(tmp_path / "whole", data, 30, make_module=module)
+    resumed = _fit(tmp_path / "resumed", data, 30, _checkpoint(whole, 20), make_module=module)
+    _assert_same_final_state(whole, resumed)
