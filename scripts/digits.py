@@ -32,6 +32,7 @@ import matplotlib
 import torch
 from benchtools import mean_and_ci95, quiet_lightning_info
 from torch import nn
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "digits"))
 from classifier import Classifier, Digits, DigitsDataModule, make_net  # noqa: E402
@@ -166,6 +167,9 @@ def main() -> None:
     start = time.perf_counter()
     normal = train_normally(args)
     rows = []
+    progress = tqdm(
+        total=3 * len(args.k_shots), desc="choosing steps and testing", disable=args.no_progress_bar
+    )
     for k in args.k_shots:
         test = episodes(UNSEEN, k, args, seed=args.seed + 100 + k)
         maml = train_maml(k, args)
@@ -180,6 +184,8 @@ def main() -> None:
             rows.append(
                 {"method": name, "K": k, "accuracy": accuracy, "ci95": ci, "lr": lr, "steps": steps}
             )
+            progress.update()
+    progress.close()
     total = time.perf_counter() - start
 
     lines = [
