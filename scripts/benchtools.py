@@ -9,7 +9,7 @@ import math
 import statistics
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -109,3 +109,52 @@ def write_json(path: str | Path, payload: dict) -> None:
     payload = {"torch": torch.__version__, "threads": torch.get_num_threads(), **payload}
     path.write_text(json.dumps(payload, indent=2))
     print(f"wrote {path}")
+
+
+def markdown_table(
+    first: str, columns: Sequence[str], rows: Mapping[str, Sequence[str]]
+) -> list[str]:
+    """The lines of a Markdown table: a header (``first``, then ``columns``) and a row per key of
+    ``rows`` (its name, then its cells)."""
+    lines = ["| " + " | ".join([first, *columns]) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(cells) + " |" for name, cells in rows.items()]
+    return lines
+
+
+def plot_accuracy_vs_k(
+    rows: list[dict],
+    error: str,
+    chance: float,
+    k_shots: Sequence[int],
+    labels: tuple[str, str, str],
+    path: str | Path,
+    figsize: tuple[float, float],
+) -> None:
+    """One line per ``row["method"]``: ``row["accuracy"]`` against ``row["K"]`` with error bars
+    ``row[error]``, a dotted line at ``chance``; ``labels`` are the x label, y label and title."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=figsize)
+    for method in dict.fromkeys(r["method"] for r in rows):
+        points = [r for r in rows if r["method"] == method]
+        ax.errorbar(
+            [r["K"] for r in points],
+            [r["accuracy"] for r in points],
+            yerr=[r[error] for r in points],
+            marker="o",
+            capsize=3,
+            label=method,
+        )
+    ax.axhline(chance, color="grey", ls=":", label="chance")
+    ax.set_xticks(k_shots, [str(k) for k in k_shots])
+    xlabel, ylabel, title = labels
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

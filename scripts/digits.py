@@ -28,9 +28,8 @@ import time
 from pathlib import Path
 
 import lightning.pytorch as pl
-import matplotlib
 import torch
-from benchtools import mean_and_ci95, quiet_lightning_info
+from benchtools import markdown_table, mean_and_ci95, plot_accuracy_vs_k, quiet_lightning_info
 from torch import nn
 from tqdm import tqdm
 
@@ -40,9 +39,6 @@ from classifier import Classifier, Digits, DigitsDataModule, make_net  # noqa: E
 from lightning_maml import Episode, MAMLModule  # noqa: E402
 from lightning_maml.datamodules import FewShotDataModule  # noqa: E402
 from lightning_maml.functional import meta_loss  # noqa: E402
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
 SEEN, UNSEEN = list(range(7)), [7, 8, 9]
 STEP_SIZES = (0.01, 0.1, 0.4, 1.0)
@@ -188,44 +184,37 @@ def main() -> None:
     progress.close()
     total = time.perf_counter() - start
 
-    lines = [
-        f"3-way accuracy on digits 7-9 (never seen in training), mean ± 95% CI over "
-        f"{args.episodes} episodes of 10 query images per digit; chance 0.33:",
-        "",
-        "| method | " + " | ".join(f"K={k}" for k in args.k_shots) + " |",
-        "|---" * (len(args.k_shots) + 1) + "|",
-    ]
-    for name in dict.fromkeys(r["method"] for r in rows):
-        cells = [
+    cells = {
+        name: [
             f"{r['accuracy']:.3f} ± {r['ci95']:.3f} ({r['steps']} steps of {r['lr']})"
             for r in rows
             if r["method"] == name
         ]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        for name in dict.fromkeys(r["method"] for r in rows)
+    }
+    lines = [
+        f"3-way accuracy on digits 7-9 (never seen in training), mean ± 95% CI over "
+        f"{args.episodes} episodes of 10 query images per digit; chance 0.33:",
+        "",
+        *markdown_table("method", [f"K={k}" for k in args.k_shots], cells),
+    ]
     table = "\n".join(lines)
     print("\n" + table)
     (out / "results.md").write_text(table + "\n")
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for name in dict.fromkeys(r["method"] for r in rows):
-        points = [r for r in rows if r["method"] == name]
-        ax.errorbar(
-            [r["K"] for r in points],
-            [r["accuracy"] for r in points],
-            yerr=[r["ci95"] for r in points],
-            marker="o",
-            capsize=3,
-            label=name,
-        )
-    ax.axhline(1 / 3, color="grey", ls=":", label="chance")
-    ax.set_xticks(args.k_shots, [str(k) for k in args.k_shots])
-    ax.set_xlabel("K (labelled images per unseen digit)")
-    ax.set_ylabel("query accuracy")
-    ax.set_title("Digits 7-9, 3-way, after training on 0-6")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
     figure = out / "digits_accuracy.png"
-    fig.savefig(figure, dpi=120)
-    plt.close(fig)
+    plot_accuracy_vs_k(
+        rows,
+        "ci95",
+        1 / 3,
+        args.k_shots,
+        (
+            "K (labelled images per unseen digit)",
+            "query accuracy",
+            "Digits 7-9, 3-way, after training on 0-6",
+        ),
+        figure,
+        (5.5, 4),
+    )
     print(f"\ntotal {total:.0f} s; table: {out / 'results.md'}, figure: {figure}")
     (out / "results.json").write_text(
         json.dumps({"args": vars(args), "rows": rows, "total_seconds": total}, indent=2)

@@ -94,11 +94,16 @@ def parse_args() -> argparse.Namespace:
 ARGS = parse_args() if __name__ == "__main__" else None
 
 import lightning.pytorch as pl  # noqa: E402
-import matplotlib  # noqa: E402
 import mne  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from benchtools import cpu_trainer, mean_and_ci95, quiet_lightning_info  # noqa: E402
+from benchtools import (  # noqa: E402
+    cpu_trainer,
+    markdown_table,
+    mean_and_ci95,
+    plot_accuracy_vs_k,
+    quiet_lightning_info,
+)
 from mne.decoding import CSP  # noqa: E402
 from moabb.datasets import PhysionetMI  # noqa: E402
 from moabb.paradigms import LeftRightImagery  # noqa: E402
@@ -112,9 +117,6 @@ from lightning_maml import Episode, MAMLModule  # noqa: E402
 from lightning_maml.datamodules import MOABBDataModule  # noqa: E402
 from lightning_maml.functional import meta_loss  # noqa: E402
 from lightning_maml.models import EEGNet  # noqa: E402
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
 NAMES = {"maml": "MAML", "fomaml": "first-order MAML", "reptile": "Reptile", "anil": "ANIL"}
 NAMES.update({"metasgd": "Meta-SGD", "maml++": "MAML++"})
@@ -322,59 +324,51 @@ def differences(summary: list[dict], reference: str, args: argparse.Namespace) -
 
 def markdown(summary: list[dict], diffs: list[dict], reference: str, args) -> str:
     trials = "imagined and executed" if args.with_executed else "imagined"
+    columns = [f"K={k}" for k in args.k_shots]
+    accuracy = {
+        method: [
+            f"{s['accuracy']:.3f} ± {s['ci95_episodes']:.3f} [± {s['ci95_folds']:.3f}]"
+            for s in summary
+            if s["method"] == method
+        ]
+        for method in dict.fromkeys(s["method"] for s in summary)
+    }
+    difference = {
+        versus: [
+            f"{d['difference']:+.3f} ± {d['ci95_folds']:.3f}"
+            for d in diffs
+            if d["versus"] == versus
+        ]
+        for versus in dict.fromkeys(d["versus"] for d in diffs)
+    }
     lines = [
         f"2-way left/right fist ({trials} trials), leave-one-subject-out over subjects "
         f"{args.subjects}: query accuracy, mean over {len(args.folds)} folds x {args.episodes} "
         "episodes ± 95% interval over episodes [± t interval over folds]; chance 0.5.",
         "",
-        "| method | " + " | ".join(f"K={k}" for k in args.k_shots) + " |",
-        "|---" * (len(args.k_shots) + 1) + "|",
-    ]
-    for method in dict.fromkeys(s["method"] for s in summary):
-        cells = [
-            f"{s['accuracy']:.3f} ± {s['ci95_episodes']:.3f} [± {s['ci95_folds']:.3f}]"
-            for s in summary
-            if s["method"] == method
-        ]
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    lines += [
+        *markdown_table("method", columns, accuracy),
         "",
         f"{reference} minus each method, per fold (mean ± t interval over folds):",
         "",
-        "| versus | " + " | ".join(f"K={k}" for k in args.k_shots) + " |",
-        "|---" * (len(args.k_shots) + 1) + "|",
+        *markdown_table("versus", columns, difference),
     ]
-    for versus in dict.fromkeys(d["versus"] for d in diffs):
-        cells = [
-            f"{d['difference']:+.3f} ± {d['ci95_folds']:.3f}"
-            for d in diffs
-            if d["versus"] == versus
-        ]
-        lines.append(f"| {versus} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def plot(summary: list[dict], args: argparse.Namespace, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for method in dict.fromkeys(s["method"] for s in summary):
-        points = [s for s in summary if s["method"] == method]
-        ax.errorbar(
-            [s["K"] for s in points],
-            [s["accuracy"] for s in points],
-            yerr=[s["ci95_folds"] for s in points],
-            marker="o",
-            capsize=3,
-            label=method,
-        )
-    ax.axhline(0.5, color="grey", ls=":", label="chance")
-    ax.set_xticks(args.k_shots, [str(k) for k in args.k_shots])
-    ax.set_xlabel("K (labelled trials per class of the held-out subject)")
-    ax.set_ylabel("query accuracy (± t interval over folds)")
-    ax.set_title(f"PhysioNet left/right fist imagery, leave-one-subject-out ({len(args.folds)})")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plot_accuracy_vs_k(
+        summary,
+        "ci95_folds",
+        0.5,
+        args.k_shots,
+        (
+            "K (labelled trials per class of the held-out subject)",
+            "query accuracy (± t interval over folds)",
+            f"PhysioNet left/right fist imagery, leave-one-subject-out ({len(args.folds)})",
+        ),
+        path,
+        (6.5, 4.2),
+    )
 
 
 def main(args: argparse.Namespace) -> None:

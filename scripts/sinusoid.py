@@ -29,7 +29,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import matplotlib
 import torch
-from benchtools import cpu_trainer, mean_and_ci95, quiet_lightning_info
+from benchtools import cpu_trainer, markdown_table, mean_and_ci95, quiet_lightning_info
 
 from lightning_maml import MAMLModule
 from lightning_maml.datamodules import SinusoidDataModule, sample_sinusoid_tasks
@@ -211,23 +211,24 @@ def main() -> None:
                         "diverged": diverged,
                     }
                 )
-    table = [
-        f"Held-out query MSE, mean ± 95% CI over {args.eval_tasks} tasks ({args.eval_query} query "
-        f"points each), after {args.iterations} meta-iterations ('diverges': some tasks' loss "
-        "overflowed to inf or NaN):",
-        "",
-        "| model | K=5, 1 step | K=5, 10 steps | K=10, 1 step | K=10, 10 steps |",
-        "|---|---|---|---|---|",
-    ]
-    for name in models:
-        cells = [
+    cells = {
+        name: [
             f"diverges on {r['diverged']} of {args.eval_tasks} tasks"
             if r["diverged"]
             else f"{r['mse']:.3f} ± {r['ci95']:.3f}"
             for r in rows
             if r["model"] == name
         ]
-        table.append(f"| {name} | " + " | ".join(cells) + " |")
+        for name in models
+    }
+    columns = ["K=5, 1 step", "K=5, 10 steps", "K=10, 1 step", "K=10, 10 steps"]
+    table = [
+        f"Held-out query MSE, mean ± 95% CI over {args.eval_tasks} tasks ({args.eval_query} query "
+        f"points each), after {args.iterations} meta-iterations ('diverges': some tasks' loss "
+        "overflowed to inf or NaN):",
+        "",
+        *markdown_table("model", columns, cells),
+    ]
     print("\n" + "\n".join(table))
     (out / "results.md").write_text("\n".join(table) + "\n")
     figure = out / "sinusoid_fits.png"
