@@ -5,12 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
+import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lightning_maml._checks import check_count
+from lightning_maml.datamodules.resumable import ResumableLoader
 from lightning_maml.episode import Episode
 
 
@@ -184,3 +186,64 @@ class EpisodeSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.episodes))
         return iter(order.tolist())
+
+
+class EpisodicDataModule(pl.LightningDataModule):
+    """Base of the DataModules that serve an :class:`EpisodicDataset` per split: the episode
+    settings, checked once, and the loaders. A subclass defines :meth:`episodes`.
+
+    Training draws fresh episodes every epoch (:class:`EpisodeSampler`) through a
+    :class:`~lightning_maml.datamodules.resumable.ResumableLoader`: a run resumed from any
+    checkpoint (mid-epoch, with workers, under DDP) continues with the batch the interrupted run
+    would have drawn next. Validation and test use fixed episode sets.
+
+    Raises:
+        ValueError: if a count is below 1, or ``seed`` or ``num_workers`` below 0.
+    """
+
+    def __init__(
+        self,
+        n_way: int,
+        k_shot: int,
+        query_size: int,
+        meta_batch_size: int,
+        episodes_per_epoch: int,
+        num_eval_episodes: int,
+        seed: int,
+        num_workers: int,
+    ) -> None:
+        super().__init__()
+        for name, value in (
+            ("n_way", n_way),
+            ("k_shot", k_shot),
+            ("query_size", query_size),
+            ("meta_batch_size", meta_batch_size),
+            ("episodes_per_epoch", episodes_per_epoch),
+            ("num_eval_episodes", num_eval_episodes),
+        ):
+            check_count(value, name)
+        check_count(seed, "seed", minimum=0)
+        check_count(num_workers, "num_workers", minimum=0)
+        self.n_way, self.k_shot, self.query_size = n_way, k_shot, query_size
+        self.meta_batch_size = meta_batch_size
+        self.episodes_per_epoch, self.num_eval_episodes = episodes_per_epoch, num_eval_episodes
+        self.seed, self.num_workers = seed, num_workers
+
+    def episodes(self, split: str, num_episodes: int | None = None) -> EpisodicDataset:
+        """The episode set of ``"train"``, ``"val"`` or ``"test"``."""
+        raise NotImplementedError
+
+    def train_dataloader(self) -> DataLoader:
+        episodes = self.episodes("train", self.episodes_per_epoch)
+        return ResumableLoader(
+            episodes,
+            batch_size=self.meta_batch_size,
+            sampler=EpisodeSampler(episodes, seed=self.seed),
+            num_workers=self.num_workers,
+            trainer_fn=lambda: self.trainer,
+        )
+
+    def _fixed_loader(self, split: str, num_workers: int = 0) -> DataLoader:
+        return DataLoader(
+            self.episodes(split), batch_size=self.meta_batch_size, num_workers=num_workers
+        )

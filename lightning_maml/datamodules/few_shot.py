@@ -11,9 +11,7 @@ import torch
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from lightning_maml._checks import check_count
-from lightning_maml.datamodules.episodic import EpisodeSampler, EpisodicDataset
-from lightning_maml.datamodules.resumable import ResumableLoader
+from lightning_maml.datamodules.episodic import EpisodicDataModule, EpisodicDataset
 
 SPLITS = ("train", "val", "test")
 
@@ -61,7 +59,7 @@ def _integer_labels(values: Sequence[Any], what: str) -> np.ndarray:
     return out
 
 
-class FewShotDataModule(pl.LightningDataModule):
+class FewShotDataModule(EpisodicDataModule):
     """N-way K-shot episodes from map-style datasets of ``(input, label)`` samples, read lazily.
 
     Give either one ``dataset``, split here between meta-training, validation and test the way
@@ -133,18 +131,16 @@ class FewShotDataModule(pl.LightningDataModule):
         seed: int = 0,
         num_workers: int = 0,
     ) -> None:
-        super().__init__()
-        for name, value in (
-            ("n_way", n_way),
-            ("k_shot", k_shot),
-            ("query_size", query_size),
-            ("meta_batch_size", meta_batch_size),
-            ("episodes_per_epoch", episodes_per_epoch),
-            ("num_eval_episodes", num_eval_episodes),
-        ):
-            check_count(value, name)
-        check_count(seed, "seed", minimum=0)
-        check_count(num_workers, "num_workers", minimum=0)
+        super().__init__(
+            n_way,
+            k_shot,
+            query_size,
+            meta_batch_size,
+            episodes_per_epoch,
+            num_eval_episodes,
+            seed,
+            num_workers,
+        )
         if (dataset is None) == (train is None):
             raise ValueError(
                 "give either `dataset` (split here by class or group) or `train` (with optional "
@@ -161,10 +157,6 @@ class FewShotDataModule(pl.LightningDataModule):
         self.dataset, self.datasets = dataset, {"train": train, "val": val, "test": test}
         self.labels, self.groups, self.classes = labels, groups, classes
         self.fractions = tuple(fractions)
-        self.n_way, self.k_shot, self.query_size = n_way, k_shot, query_size
-        self.meta_batch_size = meta_batch_size
-        self.episodes_per_epoch, self.num_eval_episodes = episodes_per_epoch, num_eval_episodes
-        self.seed, self.num_workers = seed, num_workers
         #: per split: (dataset, labels, task ids), set by ``setup``
         self.splits: dict[str, tuple[Dataset, np.ndarray, np.ndarray]] = {}
         #: per split: its classes (or groups, with ``groups``)
@@ -304,27 +296,13 @@ class FewShotDataModule(pl.LightningDataModule):
         except ValueError as error:
             raise ValueError(f"{split} split: {error}") from None
 
-    def train_dataloader(self) -> DataLoader:
-        """Fresh episodes every epoch; a run resumed from any checkpoint continues with the batch
-        the interrupted run would have drawn next."""
-        episodes = self.episodes("train")
-        return ResumableLoader(
-            episodes,
-            batch_size=self.meta_batch_size,
-            sampler=EpisodeSampler(episodes, seed=self.seed),
-            num_workers=self.num_workers,
-            trainer_fn=lambda: self.trainer,
-        )
-
-    def _fixed_loader(self, split: str) -> DataLoader | list:
+    def _split_loader(self, split: str) -> DataLoader | list:
         if split not in self.splits:
             return []  # no such split: nothing to validate or test on
-        return DataLoader(
-            self.episodes(split), batch_size=self.meta_batch_size, num_workers=self.num_workers
-        )
+        return self._fixed_loader(split, self.num_workers)
 
     def val_dataloader(self) -> DataLoader | list:
-        return self._fixed_loader("val")
+        return self._split_loader("val")
 
     def test_dataloader(self) -> DataLoader | list:
-        return self._fixed_loader("test")
+        return self._split_loader("test")

@@ -13,14 +13,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_maml._checks import check_count
-from lightning_maml.datamodules.episodic import EpisodeSampler, EpisodicDataset
-from lightning_maml.datamodules.resumable import ResumableLoader
+from lightning_maml.datamodules.episodic import EpisodicDataModule, EpisodicDataset
 
 
 def _resolve(value: Any, module_name: str, kwargs: dict | None, argument: str) -> Any:
@@ -140,7 +137,7 @@ def mne_data_folder() -> str:
     return os.environ.get("MNE_DATA") or mne.get_config("MNE_DATA") or str(Path.home() / "mne_data")
 
 
-class MOABBDataModule(pl.LightningDataModule):
+class MOABBDataModule(EpisodicDataModule):
     """Few-shot EEG episodes from a MOABB dataset, one task per subject.
 
     The dataset says what was recorded; the paradigm how to cut it into trials. Data are loaded
@@ -229,16 +226,16 @@ class MOABBDataModule(pl.LightningDataModule):
         dataset_kwargs: dict | None = None,
         dataset_attributes: dict | None = None,
     ) -> None:
-        super().__init__()
-        for name, value in (
-            ("n_way", n_way),
-            ("k_shot", k_shot),
-            ("query_size", query_size),
-            ("meta_batch_size", meta_batch_size),
-            ("episodes_per_epoch", episodes_per_epoch),
-            ("num_eval_episodes", num_eval_episodes),
-        ):
-            check_count(value, name)
+        super().__init__(
+            n_way,
+            k_shot,
+            query_size,
+            meta_batch_size,
+            episodes_per_epoch,
+            num_eval_episodes,
+            seed,
+            num_workers,
+        )
         if standardize not in ("subject", "trial", "none"):
             raise ValueError(
                 f"`standardize` must be 'subject', 'trial' or 'none', got {standardize!r}"
@@ -257,10 +254,7 @@ class MOABBDataModule(pl.LightningDataModule):
         self.splits = self._split(
             train_subjects, val_subjects, test_subjects, val_fraction, test_fraction, seed
         )
-        self.n_way, self.k_shot, self.query_size = n_way, k_shot, query_size
-        self.meta_batch_size = meta_batch_size
-        self.episodes_per_epoch, self.num_eval_episodes = episodes_per_epoch, num_eval_episodes
-        self.standardize, self.seed, self.num_workers = standardize, seed, num_workers
+        self.standardize = standardize
         self.relabel = relabel
         if cache_dir == "default":
             cache_dir = str(Path(mne_data_folder()) / "lightning_maml")
@@ -391,20 +385,8 @@ class MOABBDataModule(pl.LightningDataModule):
             seed=self.seed * 3 + offset if seed is None else seed,
         )
 
-    def train_dataloader(self) -> DataLoader:
-        """Fresh episodes every epoch; a run resumed from any checkpoint (mid-epoch, with
-        workers, under DDP) continues with the batch the interrupted run would have drawn next."""
-        episodes = self.episodes("train", self.episodes_per_epoch)
-        return ResumableLoader(
-            episodes,
-            batch_size=self.meta_batch_size,
-            sampler=EpisodeSampler(episodes, seed=self.seed),
-            num_workers=self.num_workers,
-            trainer_fn=lambda: self.trainer,
-        )
-
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.episodes("val"), batch_size=self.meta_batch_size)
+        return self._fixed_loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.episodes("test"), batch_size=self.meta_batch_size)
+        return self._fixed_loader("test")
