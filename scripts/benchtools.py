@@ -15,6 +15,9 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
+from lightning_maml import Episode
+from lightning_maml.functional import meta_loss
+
 
 def quiet_lightning_info() -> None:
     """Leave Lightning's information lines (accelerator banners and tips, printed for every
@@ -158,3 +161,30 @@ def plot_accuracy_vs_k(
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def adapted_accuracies(
+    net: torch.nn.Module, batch: Episode, lr: float, steps: int, chunk: int | None = None
+) -> list[float]:
+    """Query accuracy per episode of ``batch`` after ``steps`` SGD steps of size ``lr`` on its
+    support set, from ``net``'s parameters (first order, no graph to them); ``chunk`` episodes
+    per call (``None``: all at once)."""
+    params = {name: p.detach() for name, p in net.named_parameters()}
+    size = chunk or len(batch.support_x)
+    results: list[float] = []
+    for start in range(0, len(batch.support_x), size):
+        part = Episode(*(t[start : start + size] for t in batch))
+        with torch.enable_grad():
+            out = meta_loss(
+                net,
+                "cross_entropy",
+                *part,
+                inner_lr=lr,
+                inner_steps=steps,
+                algorithm="fomaml",
+                params=params,
+                track_initial_loss=False,
+            )
+        correct = out.query_predictions.argmax(-1) == part.query_y
+        results += correct.float().mean(1).tolist()
+    return results

@@ -29,7 +29,13 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from benchtools import markdown_table, mean_and_ci95, plot_accuracy_vs_k, quiet_lightning_info
+from benchtools import (
+    adapted_accuracies,
+    markdown_table,
+    mean_and_ci95,
+    plot_accuracy_vs_k,
+    quiet_lightning_info,
+)
 from torch import nn
 from tqdm import tqdm
 
@@ -38,7 +44,6 @@ from classifier import Classifier, Digits, DigitsDataModule, make_net  # noqa: E
 
 from lightning_maml import Episode, MAMLModule  # noqa: E402
 from lightning_maml.datamodules import FewShotDataModule  # noqa: E402
-from lightning_maml.functional import meta_loss  # noqa: E402
 
 SEEN, UNSEEN = list(range(7)), [7, 8, 9]
 STEP_SIZES = (0.01, 0.1, 0.4, 1.0)
@@ -129,27 +134,13 @@ def with_new_head(body_from: nn.Module | None, seed: int) -> nn.Module:
     return net
 
 
-def accuracies(net: nn.Module, batch: Episode, lr: float, steps: int) -> list[float]:
-    """Query accuracy per episode after ``steps`` SGD steps of size ``lr`` on its support set."""
-    params = {name: p.detach() for name, p in net.named_parameters()}
-    out = meta_loss(
-        net,
-        "cross_entropy",
-        *batch,
-        inner_lr=lr,
-        inner_steps=steps,
-        algorithm="fomaml",
-        params=params,
-        track_initial_loss=False,
-    )
-    return (out.query_predictions.argmax(-1) == batch.query_y).float().mean(1).tolist()
-
-
 def best_adaptation(net: nn.Module, k: int, args: argparse.Namespace) -> tuple[float, int]:
     """The (step size, steps) with the best accuracy on episodes of the training digits."""
     seen = episodes(SEEN, k, args, seed=args.seed + 1, count=200)
     scores = {
-        (lr, steps): sum(accuracies(net, seen, lr, steps)) for lr in STEP_SIZES for steps in STEPS
+        (lr, steps): sum(adapted_accuracies(net, seen, lr, steps))
+        for lr in STEP_SIZES
+        for steps in STEPS
     }
     return max(scores, key=scores.get)
 
@@ -176,7 +167,7 @@ def main() -> None:
         }
         for name, net in models.items():
             lr, steps = best_adaptation(net, k, args)
-            accuracy, ci = mean_and_ci95(accuracies(net, test, lr, steps))
+            accuracy, ci = mean_and_ci95(adapted_accuracies(net, test, lr, steps))
             rows.append(
                 {"method": name, "K": k, "accuracy": accuracy, "ci95": ci, "lr": lr, "steps": steps}
             )

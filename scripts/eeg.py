@@ -98,6 +98,7 @@ import mne  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from benchtools import (  # noqa: E402
+    adapted_accuracies,
     cpu_trainer,
     markdown_table,
     mean_and_ci95,
@@ -115,7 +116,6 @@ from tqdm import tqdm  # noqa: E402
 
 from lightning_maml import Episode, MAMLModule  # noqa: E402
 from lightning_maml.datamodules import MOABBDataModule  # noqa: E402
-from lightning_maml.functional import meta_loss  # noqa: E402
 from lightning_maml.models import EEGNet  # noqa: E402
 
 NAMES = {"maml": "MAML", "fomaml": "first-order MAML", "reptile": "Reptile", "anil": "ANIL"}
@@ -188,34 +188,14 @@ def held_out_episodes(y: np.ndarray, k: int, fold: int, args: argparse.Namespace
     return episodes
 
 
-def adapted_accuracies(
-    net: nn.Module, x: torch.Tensor, y: torch.Tensor, episodes: list[tuple], lr: float, steps: int
-) -> list[float]:
-    """Query accuracy per episode after ``steps`` SGD steps on its support set from ``net``."""
-    batch = Episode(
+def episode_batch(x: torch.Tensor, y: torch.Tensor, episodes: list[tuple]) -> Episode:
+    """The held-out episodes (support and query trial indices) as one batch."""
+    return Episode(
         torch.stack([x[s] for s, _ in episodes]),
         torch.stack([y[s] for s, _ in episodes]),
         torch.stack([x[q] for _, q in episodes]),
         torch.stack([y[q] for _, q in episodes]),
     )
-    params = {name: p.detach() for name, p in net.named_parameters()}
-    results = []
-    for i in range(0, len(episodes), 8):  # a few episodes per call: memory stays small
-        part = Episode(*(t[i : i + 8] for t in batch))
-        with torch.enable_grad():
-            out = meta_loss(
-                net,
-                "cross_entropy",
-                *part,
-                inner_lr=lr,
-                inner_steps=steps,
-                algorithm="fomaml",
-                params=params,
-                track_initial_loss=False,
-            )
-        correct = out.query_predictions.argmax(-1) == part.query_y
-        results += correct.float().mean(1).tolist()
-    return results
 
 
 def csp_lda():
@@ -264,12 +244,14 @@ def run_fold(fold: int, args: argparse.Namespace, progress: tqdm) -> list[dict]:
     rows = []
     for k in args.k_shots:
         episodes = held_out_episodes(y.numpy(), k, fold, args)
+        batch = episode_batch(x, y, episodes)
+        # a few episodes per call: memory stays small
         results = {
-            name: adapted_accuracies(net, x, y, episodes, args.inner_lr, args.eval_steps)
+            name: adapted_accuracies(net, batch, args.inner_lr, args.eval_steps, chunk=8)
             for name, net in models.items()
         }
         results["scratch"] = adapted_accuracies(
-            scratch, x, y, episodes, args.scratch_lr, args.scratch_steps
+            scratch, batch, args.scratch_lr, args.scratch_steps, chunk=8
         )
         for refit, name in ((False, "CSP+LDA zero-shot"), (True, "CSP+LDA + K")):
             results[name] = csp_accuracies(train_x, train_y, test_x, test_y, episodes, refit)
