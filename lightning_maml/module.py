@@ -30,10 +30,19 @@ from lightning_maml.functional import (
     resolve_loss,
     split_parameters,
 )
+from lightning_maml.functional.algorithms import split_prefixed
 from lightning_maml.functional.meta_loss import AlgorithmName, Vectorize
 
 #: the prefix of an algorithm's learned tensors in :meth:`MAMLModule.meta_parameters`
 ALGORITHM_PREFIX = "algorithm."
+
+
+def split_meta_parameters(
+    values: Mapping[str, Tensor],
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Values keyed like :meth:`MAMLModule.meta_parameters`, as ``(the network's, the
+    algorithm's learned tensors by their own names)``."""
+    return split_prefixed(values, ALGORITHM_PREFIX)
 
 
 def as_episode(batch: Any) -> Episode:

@@ -17,7 +17,12 @@ from torch import Tensor, nn
 from lightning_maml._checks import check_count
 from lightning_maml.episode import Episode
 from lightning_maml.functional import meta_objective, split_parameters
-from lightning_maml.module import ALGORITHM_PREFIX, MAMLModule, as_episode
+from lightning_maml.module import (
+    ALGORITHM_PREFIX,
+    MAMLModule,
+    as_episode,
+    split_meta_parameters,
+)
 
 
 class MetaGradientMismatch(AssertionError):
@@ -208,18 +213,11 @@ class MetaGradientCheck(Callback):
             norm = math.sqrt(sum(float((t**2).sum()) for t in v.values()))
             directions.append({n: t / norm for n, t in v.items()})
 
-        def split(values: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-            learned = {
-                n[len(ALGORITHM_PREFIX) :]: t
-                for n, t in values.items()
-                if n.startswith(ALGORITHM_PREFIX)
-            }
-            return {n: t for n, t in values.items() if not n.startswith(ALGORITHM_PREFIX)}, learned
-
-        anchor = split(params)
+        anchor = split_meta_parameters(params)
 
         def objective(shift: dict[str, Tensor], step: float) -> Tensor:
-            net_params, learned = split({n: p + step * shift[n] for n, p in params.items()})
+            shifted = {n: p + step * shift[n] for n, p in params.items()}
+            net_params, learned = split_meta_parameters(shifted)
             return meta_objective(
                 net,
                 pl_module.loss_fn,

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from lightning_maml._checks import check_count
 from lightning_maml.functional import meta_loss, support_gradients
-from lightning_maml.module import ALGORITHM_PREFIX, MAMLModule, as_episode
+from lightning_maml.module import MAMLModule, as_episode, split_meta_parameters
 
 
 class MetaGradientLogger(Callback):
@@ -124,11 +124,7 @@ class MetaGradientLogger(Callback):
             algorithm = pl_module.algorithm
             other = algorithm.with_order(not algorithm.is_first_order(pl_module.current_epoch))
             meta_parameters = pl_module.meta_parameters()
-            learned = {
-                n[len(ALGORITHM_PREFIX) :]: t
-                for n, t in meta_parameters.items()
-                if n.startswith(ALGORITHM_PREFIX)
-            }
+            _, learned = split_meta_parameters(meta_parameters)
             with torch.enable_grad():
                 loss = meta_loss(
                     pl_module.net,

@@ -53,11 +53,27 @@ __all__ = [
     "Reptile",
     "register_algorithm",
     "resolve_algorithm",
+    "split_prefixed",
     "task_meta_loss",
 ]
 
 #: the key prefix of an algorithm's learned tensors among the engine's inputs
 LEARNED = "@algorithm."
+
+
+def split_prefixed(
+    values: Mapping[str, Tensor], prefix: str
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """``(entries without prefix, entries with it, the prefix removed)``.
+
+    Example::
+
+        >>> split_prefixed({"w": 1, "@a.lr": 2}, "@a.")
+        ({'w': 1}, {'lr': 2})
+    """
+    rest = {n: t for n, t in values.items() if not n.startswith(prefix)}
+    prefixed = {n[len(prefix) :]: t for n, t in values.items() if n.startswith(prefix)}
+    return rest, prefixed
 
 
 class Algorithm(nn.Module):
@@ -380,8 +396,7 @@ def task_meta_loss(
     Returns ``(outer objective, query loss after the last step, its predictions, query loss
     before adapting or 0)``, the last three detached.
     """
-    params = {n: t for n, t in inputs.items() if not n.startswith(LEARNED)}
-    learned = {n[len(LEARNED) :]: t for n, t in inputs.items() if n.startswith(LEARNED)}
+    params, learned = split_prefixed(inputs, LEARNED)
     weights = learned.pop("step_weights", None)
     if track_initial_loss:
         with torch.no_grad():
@@ -393,8 +408,7 @@ def task_meta_loss(
     start = params if algorithm.has_objective else {n: p.detach() for n, p in params.items()}
     anchor_params = anchor_lr = None
     if anchor is not None:
-        anchor_params = {n: anchor[n] for n in params}
-        anchor_learned = {n[len(LEARNED) :]: t for n, t in anchor.items() if n.startswith(LEARNED)}
+        anchor_params, anchor_learned = split_prefixed(anchor, LEARNED)
         anchor_learned.pop("step_weights", None)
         anchor_lr = algorithm.rates(inner_lr, anchor_learned, names)
     steps = adapt_parameters(
