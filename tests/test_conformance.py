@@ -108,15 +108,11 @@ def _reference_rate(case: Case, net: nn.Module, learned: dict[str, Tensor]):
 
 
 def _adapted(case: Case, net: nn.Module) -> list[str]:
-    names = [n for n, _ in net.named_parameters()]
     if case.adapt == "last":
         last = [m for m in net.modules() if list(m.parameters(recurse=False))][-1]
-        return [
-            n
-            for n in names
-            if any(p is q for q in [net.get_parameter(n)] for p in last.parameters(recurse=False))
-        ]
-    return names
+        head = {id(p) for p in last.parameters(recurse=False)}
+        return [n for n, p in net.named_parameters() if id(p) in head]
+    return [n for n, _ in net.named_parameters()]
 
 
 def _reference_objective(case, net, loss_fn, tasks, inputs, anchor=None):
