@@ -42,8 +42,11 @@ class MetaGradientCheck(Callback):
     on copies of the network and the algorithm, task by task without vmap or compilation, so the
     run's parameters, gradients and RNG state are untouched.
 
-    Under DDP every rank draws the same directions, the losses are averaged across ranks, and the
-    largest error over ranks decides, so all ranks agree. Logged (through every logger):
+    A meta-gradient holding NaN or inf fails the check whatever the finite differences say
+    (``max_rel_error`` is ``inf``, the message names the tensors), and so does a direction whose
+    derivative or finite difference is not finite. Under DDP every rank draws the same directions,
+    the losses are averaged across ranks, and the largest error over ranks decides, so all ranks
+    agree; the message gives that rank's figures and names it. Logged (through every logger):
     ``meta_grad_check/max_rel_error`` and ``meta_grad_check/fd_derivative_<i>``.
 
     The relative error of a direction is ``|g·v − fd| / max(|g·v|, |fd|, atol)``. Where it exceeds
@@ -176,7 +179,18 @@ class MetaGradientCheck(Callback):
             metrics[f"meta_grad_check/fd_derivative_{i}"] = fd
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
-        if result["max_rel_error"] > self.rtol:
+        if result["max_rel_error"] <= self.rtol:  # False for NaN: never passes a NaN
+            return
+        where = f"step {trainer.global_step}"
+        if trainer.world_size > 1:
+            where += f", rank {result['rank']} (the largest error over {trainer.world_size} ranks)"
+        header = f"meta-gradient of {type(pl_module).__name__} ({pl_module.algorithm.describe()}) "
+        if result["non_finite"]:
+            message = (
+                f"{header}holds non-finite values (NaN or inf) at {where}, in "
+                f"{result['non_finite']}; a gradient check cannot pass such a gradient"
+            )
+        else:
             lines = [
                 f"  direction {i}: gradient·v = {g:.6e}, finite difference = {f:.6e}, "
                 f"relative error {e:.2e}"
@@ -185,16 +199,12 @@ class MetaGradientCheck(Callback):
                 )
             ]
             message = (
-                f"meta-gradient of {type(pl_module).__name__} ({pl_module.algorithm.describe()}) "
-                f"disagrees with finite differences at step {trainer.global_step}: largest "
-                f"relative error {result['max_rel_error']:.2e} > rtol {self.rtol:.1e}"
-                + (" (largest over ranks)" if trainer.world_size > 1 else "")
-                + "\n"
-                + "\n".join(lines)
+                f"{header}disagrees with finite differences at {where}: largest relative error "
+                f"{result['max_rel_error']:.2e} > rtol {self.rtol:.1e}\n" + "\n".join(lines)
             )
-            if self.on_mismatch == "raise":
-                raise MetaGradientMismatch(message)
-            rank_zero_warn(message)  # every rank holds the same verdict
+        if self.on_mismatch == "raise":
+            raise MetaGradientMismatch(message)
+        rank_zero_warn(message)  # every rank holds the same verdict
 
     def _check(self, trainer: pl.Trainer, pl_module: MAMLModule, batch: Episode) -> dict[str, Any]:
         grads = {n: g.double() for n, g in pl_module.meta_gradient().items()}
@@ -237,13 +247,16 @@ class MetaGradientCheck(Callback):
             return float((pair[0] - pair[1]) / (2 * eps))
 
         def error(g: float, f: float) -> float:
+            if not (math.isfinite(g) and math.isfinite(f)):
+                return math.inf
             return abs(g - f) / max(abs(g), abs(f), self.atol)
 
+        non_finite = [n for n, g in grads.items() if not bool(torch.isfinite(g).all())]
         gv = [float(sum((grads[n] * v[n]).sum() for n in grads)) for v in directions]
         fd = [central_difference(v, self.eps) for v in directions]
         errors = [error(g, f) for g, f in zip(gv, fd)]
         distributed = trainer.world_size > 1 and dist.is_available() and dist.is_initialized()
-        failed = torch.tensor([int(e > self.rtol) for e in errors], dtype=torch.int64)
+        failed = torch.tensor([int(not e <= self.rtol) for e in errors], dtype=torch.int64)
         if distributed:  # every rank re-estimates the same directions (the reduce is collective)
             dist.all_reduce(failed, op=dist.ReduceOp.MAX)
         for i in failed.nonzero().flatten().tolist():
@@ -251,12 +264,22 @@ class MetaGradientCheck(Callback):
                 estimate = central_difference(directions[i], eps)
                 if error(gv[i], estimate) < errors[i]:
                     fd[i], errors[i] = estimate, error(gv[i], estimate)
-        worst = torch.tensor(max(errors), dtype=torch.float64)
-        if distributed:
-            dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+        worst = math.inf if non_finite else max(errors)
+        rank = trainer.global_rank
+        if distributed:  # every rank's figures: the report is the worst rank's, named
+            n = len(errors)
+            mine = torch.tensor([worst, len(non_finite), *errors, *gv, *fd], dtype=torch.float64)
+            every = trainer.strategy.all_gather(mine)
+            rank = int(every[:, 0].argmax())
+            worst, count = float(every[rank, 0]), int(every[rank, 1])
+            errors, gv, fd = (every[rank, 2 + i * n : 2 + (i + 1) * n].tolist() for i in range(3))
+            if rank != trainer.global_rank:
+                non_finite = [f"{count} gradient tensor(s) of rank {rank}"] if count else []
         return {
-            "max_rel_error": float(worst),
+            "max_rel_error": worst,
             "rel_errors": errors,
             "fd_derivatives": fd,
             "grad_derivatives": gv,
+            "non_finite": non_finite,
+            "rank": rank,
         }

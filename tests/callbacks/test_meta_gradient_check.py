@@ -1,6 +1,7 @@
 """MetaGradientCheck passes on correct meta-gradients and catches planted bugs, also under DDP."""
 
 import json
+import math
 
 import lightning.pytorch as pl
 import pytest
@@ -238,3 +239,51 @@ def test_check_covers_learned_step_sizes(monkeypatch):
     module = MAMLModule(tanh_mlp(), inner_lr=0.3, inner_steps=2, algorithm="metasgd")
     with pytest.raises(MetaGradientMismatch, match="algorithm='metasgd'"):
         _fit(module, _sinusoid(), [MetaGradientCheck()], precision="64-true")
+
+
+class _CorruptGradient(Callback):
+    """Before the check: one element of the first gradient doubled, NaN or inf (on ``rank``)."""
+
+    def __init__(self, how, rank=None):
+        self.how, self.rank = how, rank
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if self.rank is not None and trainer.global_rank != self.rank:
+            return
+        grad = next(pl_module.net.parameters()).grad.view(-1)
+        grad[0] = {"double": 2 * grad[0], "nan": math.nan, "inf": math.inf}[self.how]
+
+
+@pytest.mark.parametrize(
+    "how, message",
+    [
+        ("double", "disagrees with finite differences"),
+        ("nan", r"holds non-finite values \(NaN or inf\) at step 0, in \['0.weight'\]"),
+        ("inf", r"holds non-finite values \(NaN or inf\) at step 0, in \['0.weight'\]"),
+    ],
+)
+def test_a_corrupted_gradient_fails_the_check_nan_and_inf_included(how, message):
+    check = MetaGradientCheck()
+    with pytest.raises(MetaGradientMismatch, match=message):
+        _fit(MAMLModule(tanh_mlp(), inner_lr=0.3), _sinusoid(), [_CorruptGradient(how), check])
+    assert not check.last_result["max_rel_error"] <= check.rtol
+    if how != "double":
+        assert check.last_result["max_rel_error"] == math.inf
+
+
+def test_under_ddp_a_nan_on_one_rank_fails_the_check_on_every_rank_naming_it(tmp_path):
+    check = MetaGradientCheck(every_n_steps=1)
+    with pytest.raises(Exception, match=r"holds non-finite values.*rank 1"):
+        _fit(
+            MAMLModule(tanh_mlp(), inner_lr=0.3),
+            _sinusoid(meta_batch_size=2),
+            [_CorruptGradient("nan", rank=1), check],
+            devices=2,
+            strategy="ddp_spawn",
+            max_steps=1,
+        )
+
+
+def test_under_ddp_a_mismatch_names_the_rank_whose_figures_it_shows(tmp_path):
+    with pytest.raises(Exception, match=r"rank [01] \(the largest error over 2 ranks\)"):
+        _ddp_check(UnsyncedGradients(tanh_mlp(), inner_lr=0.3, inner_steps=2), tmp_path)
