@@ -85,6 +85,17 @@ def check_episode(support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y
                 f"`{name}` must have a leading task dimension and an example dimension "
                 f"([tasks, examples, ...]), got shape {tuple(t.shape)}"
             )
+    for name in ("support_x", "query_x"):
+        t = tensors[name]
+        if t.dim() == 2 and t.shape[1] == 1:
+            raise ValueError(
+                f"`{name}` has shape {tuple(t.shape)}: read as {t.shape[0]} tasks of one "
+                "example each, with no feature dimension. A batch is [tasks, examples, "
+                f"*features]: one task of {t.shape[0]} one-feature examples is shape "
+                f"(1, {t.shape[0]}, 1) "
+                f"(`{name}.unsqueeze(0)`), {t.shape[0]} tasks of one such example "
+                f"(`{name}.unsqueeze(-1)`) shape ({t.shape[0]}, 1, 1)"
+            )
     n_tasks = support_x.shape[0]
     for name, t in tensors.items():
         if t.shape[0] != n_tasks:

@@ -644,3 +644,58 @@ def test_a_network_that_cannot_take_the_data_is_named_with_its_layer_and_shapes(
     )  # the query set, first
     assert "mat1 and mat2 shapes cannot be multiplied" in message
     assert executor_of(net).uses_vmap("maml", "auto")  # nothing remembered
+
+
+@pytest.mark.parametrize("vectorize", ["vmap", "loop"])
+def test_an_unbatched_task_is_refused_naming_the_layout(vectorize):
+    x = torch.linspace(-1, 1, 10).unsqueeze(1)  # one task of 10 examples, without a task dimension
+    with pytest.raises(ValueError, match=r"`support_x` has shape \(10, 1\): read as 10 tasks"):
+        meta_loss(tanh_mlp(), "mse", x, x, x, x, inner_lr=0.1, vectorize=vectorize)
+    with pytest.raises(ValueError, match=r"\[tasks, examples, \*features\].*\(1, 10, 1\)"):
+        meta_loss(tanh_mlp(), "mse", x[None], x[None], x, x, inner_lr=0.1, vectorize=vectorize)
+    out = meta_loss(tanh_mlp(), "mse", *(t[None] for t in (x, x, x, x)), inner_lr=0.1)
+    assert out.query_losses.shape == (1,)
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.bool]
+)
+def test_class_labels_of_every_integer_dtype_are_read_alike_on_both_paths(dtype):
+    net = nn.Sequential(nn.Flatten(), nn.Linear(36, 8), nn.Tanh(), nn.Linear(8, 2))
+    sx, sy, qx, qy = image_tasks(classes=2, dtype=torch.float32)
+    reference = meta_loss(net, "cross_entropy", sx, sy, qx, qy, inner_lr=0.1, vectorize="loop")
+    for vectorize in ("vmap", "loop", "auto"):
+        out = meta_loss(
+            net, "cross_entropy", sx, sy.to(dtype), qx, qy.to(dtype), inner_lr=0.1,
+            vectorize=vectorize,
+        )  # fmt: skip
+        torch.testing.assert_close(out.loss, reference.loss)
+        assert out.vectorized == (vectorize != "loop")
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_a_non_finite_first_batch_decides_nothing_about_vmap(value):
+    net, executor = tanh_mlp().float(), execution.Executor()
+    sx, sy, qx, qy = (t.float().clone() for t in regression_tasks())
+    poisoned = sx.clone()
+    poisoned[1, 0, 0] = value
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing blames vmap
+        first = meta_loss(net, "mse", poisoned, sy, qx, qy, inner_lr=0.1, executor=executor)
+        assert not first.vectorized and not executor.decisions
+        second = meta_loss(net, "mse", sx, sy, qx, qy, inner_lr=0.1, executor=executor)
+    assert second.vectorized and executor.uses_vmap("maml", "auto")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_rounding_does_not_turn_vmap_off(dtype):
+    net, executor = (
+        nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 1)),
+        execution.Executor(),
+    )
+    g = torch.Generator().manual_seed(0)
+    sx, qx = (torch.rand(25, 10, 1, generator=g) * 10 - 5 for _ in range(2))
+    with warnings.catch_warnings(), torch.autocast("cpu", dtype=dtype):
+        warnings.simplefilter("error")
+        out = meta_loss(net, "mse", sx, sx.sin(), qx, qx.sin(), inner_lr=0.01, executor=executor)
+    assert out.vectorized

@@ -134,7 +134,8 @@ def vmap_error(
     with what it was measured on. Both runs draw the same random numbers (vmap with
     ``randomness="same"``, the loop restarting every task from one RNG state), so dropout is
     compared too. ``inf`` if vmap raises; if the loop raises too, its error propagates: a data
-    error is the user's, not vmap's."""
+    error is the user's, not vmap's. ``nan`` where the per-task run itself gives NaN or inf
+    (non-finite data, a diverging inner loop): such a batch says nothing about vmap."""
     inputs = [p for p in params.values() if p.requires_grad] if torch.is_grad_enabled() else []
     tensors = [*params.values(), *batch]
     devices = _rng_devices(tensors)
@@ -167,9 +168,11 @@ def vmap_error(
             per_task.append(rest)
             grads = gradient(loss / n_tasks)
             loop_grads = grads if loop_grads is None else [a + b for a, b in zip(loop_grads, grads)]
+    looped = [[torch.stack(parts)] for parts in zip(*per_task)] + [loop_grads or []]
+    if not all(bool(torch.isfinite(t).all()) for ts in looped for t in ts):
+        return math.nan, "the per-task run gave NaN or inf"
     if vmapped is None:
         return math.inf, f"vmap raised {type(vmap_failure).__name__}: {vmap_failure}"
-    looped = [[torch.stack(parts)] for parts in zip(*per_task)] + [loop_grads or []]
     vmapped = [[t] for t in vmapped[:-1]] + [vmapped[-1]]
     worst, where = 0.0, "outputs"
     names = ("query losses", "query predictions", "initial query losses", "meta-gradient")
@@ -184,6 +187,18 @@ def vmap_error(
         if not error <= worst:  # NaN counts as the worst
             worst, where = error, name
     return worst, f"relative difference {worst:.2e} in the {where}"
+
+
+def comparison_dtype(params: Mapping[str, Tensor], x: Tensor) -> torch.dtype:
+    """The least precise floating dtype the tasks compute in: the parameters' and data's
+    (:func:`compute_dtype`), or autocast's where it is on for the data's device."""
+    dtype = compute_dtype(params, x)
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        autocast = torch.get_autocast_dtype(device)
+        if torch.finfo(autocast).eps > torch.finfo(dtype).eps:
+            dtype = autocast
+    return dtype
 
 
 def vmap_pays_off(net: nn.Module, device: torch.device, compiled: bool = False) -> bool:
@@ -269,13 +284,17 @@ class Executor:
         compiled: bool,
     ) -> bool:
         """vectorize="auto": vmap for this setting if it pays off (:func:`vmap_pays_off`) and
-        agreed with the per-task loop on the first batch (checked once, see :func:`vmap_error`);
-        a disagreement warns once."""
+        agreed with the per-task loop on its first batch with finite values (checked once, see
+        :func:`vmap_error`; a batch whose per-task run gives NaN or inf runs in the loop and
+        decides nothing), to ``sqrt(eps)`` of the least precise dtype in use (autocast's
+        included); a disagreement warns once."""
         if key not in self.decisions and not vmap_pays_off(net, batch[0].device, compiled):
             self.decisions[key] = False
         if key not in self.decisions:
             error, detail = vmap_error(task, params, constants, batch)
-            tolerance = math.sqrt(torch.finfo(compute_dtype(params, batch[0])).eps)
+            if math.isnan(error):  # this batch cannot tell: the loop runs it, the next decides
+                return False
+            tolerance = math.sqrt(torch.finfo(comparison_dtype(params, batch[0])).eps)
             self.decisions[key] = error <= tolerance
             if not self.decisions[key]:
                 problem = (

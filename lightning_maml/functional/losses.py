@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -29,6 +31,8 @@ def mse_loss(prediction: Tensor, target: Tensor) -> Tensor:
 
 def cross_entropy_loss(logits: Tensor, target: Tensor) -> Tensor:
     """Cross-entropy over class dimension 1 that checks the logits fit the integer targets.
+    Class indices of any integer dtype (``uint8``, ``int32``, ``bool``, ...) are read as
+    ``int64``, the dtype torch's cross-entropy takes, alike under vmap and task by task.
 
     Example::
 
@@ -48,6 +52,8 @@ def cross_entropy_loss(logits: Tensor, target: Tensor) -> Tensor:
             f"probabilities of the logits' shape): got output shape {tuple(logits.shape)} for "
             f"target shape {tuple(target.shape)}"
         )
+    if not target.is_floating_point() and target.dtype != torch.int64:
+        target = target.long()
     return F.cross_entropy(logits, target)
 
 
@@ -55,15 +61,57 @@ _LOSSES: dict[str, LossFn] = {"mse": mse_loss, "cross_entropy": cross_entropy_lo
 
 
 def resolve_loss(loss: str | LossFn) -> LossFn:
-    """Turn ``"mse"``, ``"cross_entropy"`` or a callable ``(prediction, target) -> scalar`` into a
-    loss function."""
+    """Turn ``"mse"``, ``"cross_entropy"``, a callable ``(prediction, target) -> scalar`` or the
+    import path of one (``"torch.nn.functional.l1_loss"``) into a loss function.
+
+    Example::
+
+        >>> resolve_loss("torch.nn.functional.l1_loss") is F.l1_loss
+        True
+    """
     if isinstance(loss, str):
-        if loss not in _LOSSES:
-            raise ValueError(f"`loss` must be one of {sorted(_LOSSES)} or a callable, got {loss!r}")
-        return _LOSSES[loss]
+        if loss in _LOSSES:
+            return _LOSSES[loss]
+        imported = _import_callable(loss)
+        if imported is None:
+            raise ValueError(
+                f"`loss` must be one of {sorted(_LOSSES)}, the import path of a loss function or "
+                f"a callable, got {loss!r}"
+            )
+        return imported
     if not callable(loss):
         raise TypeError(f"`loss` must be one of {sorted(_LOSSES)} or a callable, got {loss!r}")
     return loss
+
+
+def _import_callable(path: str) -> LossFn | None:
+    module, _, name = path.rpartition(".")
+    if not module:
+        return None
+    try:
+        value = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+    return value if callable(value) else None
+
+
+def describe_loss(loss: str | LossFn) -> str | None:
+    """What rebuilds ``loss`` with :func:`resolve_loss`: its name, or the import path of a
+    function that can be imported by it; ``None`` for other callables (a lambda, a closure, an
+    object).
+
+    Example::
+
+        >>> describe_loss("mse"), describe_loss(F.l1_loss), describe_loss(lambda p, t: p.sum())
+        ('mse', 'torch.nn.functional.l1_loss', None)
+    """
+    if isinstance(loss, str):
+        return loss
+    module, name = getattr(loss, "__module__", None), getattr(loss, "__qualname__", "")
+    if not module or "<" in name or not isinstance(loss, type(describe_loss)):
+        return None
+    path = f"{module}.{name}"
+    return path if _import_callable(path) is loss else None
 
 
 def scalar_loss(loss_fn: LossFn, prediction: Tensor, target: Tensor) -> Tensor:
