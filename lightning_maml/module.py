@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
@@ -30,11 +32,17 @@ from lightning_maml.functional import (
     resolve_loss,
     split_parameters,
 )
-from lightning_maml.functional.algorithms import split_prefixed
+from lightning_maml.functional.algorithms import describe_algorithm, split_prefixed
+from lightning_maml.functional.losses import cross_entropy_loss, describe_loss
 from lightning_maml.functional.meta_loss import AlgorithmName, Vectorize
+from lightning_maml.functional.parameters import forward, task_batch_norm
 
 #: the prefix of an algorithm's learned tensors in :meth:`MAMLModule.meta_parameters`
 ALGORITHM_PREFIX = "algorithm."
+#: the checkpoint entry that records what a checkpoint was trained with
+CHECKPOINT_KEY = "lightning_maml"
+
+OnNonFinite = Literal["raise", "skip"]
 
 
 def split_meta_parameters(
@@ -57,6 +65,32 @@ def as_episode(batch: Any) -> Episode:
         "a batch must be an Episode, a (support_x, support_y, query_x, query_y) sequence or a "
         f"mapping with those keys, got {type(batch).__name__}"
     )
+
+
+def _description(algorithm: Algorithm) -> dict[str, Any] | None:
+    try:
+        return describe_algorithm(algorithm)
+    except TypeError:
+        return None
+
+
+def _identity(loss_fn: Callable, algorithm: Algorithm) -> dict[str, Any]:
+    # what a checkpoint records of the loss and the algorithm, to refuse a module rebuilt otherwise
+    cls = type(algorithm)
+    name = getattr(loss_fn, "__qualname__", type(loss_fn).__qualname__)
+    return {
+        "loss": describe_loss(loss_fn) or f"{getattr(loss_fn, '__module__', '')}.{name}",
+        "algorithm": _description(algorithm)
+        or {"class_path": f"{cls.__module__}.{cls.__qualname__}", "repr": algorithm.extra_repr()},
+    }
+
+
+def _as_call(description: Mapping[str, Any]) -> str:
+    """``ANIL(head=['fc.*'], first_order=True)`` from a description of :func:`_identity`."""
+    name = description["class_path"].rpartition(".")[2]
+    if "init_args" not in description:
+        return f"{name}({description['repr']})"
+    return f"{name}({', '.join(f'{k}={v!r}' for k, v in description['init_args'].items())})"
 
 
 class MAMLModule(pl.LightningModule):
@@ -121,6 +155,20 @@ class MAMLModule(pl.LightningModule):
             :func:`lightning_maml.functional.meta_loss`): peak memory stays near one step's
             whatever ``inner_steps`` is, for about the cost of a second forward pass of the inner
             loop; tasks then run one by one. Not with ``compile`` or ``vectorize="vmap"``.
+        on_nonfinite: what a training step whose meta-loss or meta-gradient holds NaN or inf
+            does (checked after the backward, before the optimizer, on every rank together):
+            ``"raise"`` (default) stops the fit with an error naming the step, the batch, the
+            tasks whose query loss is not finite and whether their data or their adaptation made
+            it; ``"skip"`` warns, applies nothing (every meta-parameter's gradient is dropped, so
+            no optimizer moves it, momentum included) and counts the step in
+            ``train/nonfinite_steps``. Either way nothing of such a step reaches the parameters.
+            Under a gradient scaler (``precision="16-mixed"``) non-finite gradients are the
+            scaler's to skip; the meta-loss is still checked.
+
+    A checkpoint records the algorithm (its class and settings) and the loss; reloading rebuilds
+    both from it (``MAMLModule.load_from_checkpoint(path, net=net)``), or, where they cannot be
+    rebuilt (a lambda as loss, an algorithm class that cannot be imported), refuses with an error
+    that names what to pass. An algorithm object belongs to one module.
 
     Raises:
         TypeError, ValueError: on an argument outside the allowed values, at construction.
@@ -153,6 +201,7 @@ class MAMLModule(pl.LightningModule):
         compile: bool | str = False,
         checkpoint_inner_steps: bool = False,
         optimizers_from: pl.LightningModule | None = None,
+        on_nonfinite: OnNonFinite = "raise",
     ) -> None:
         super().__init__()
         if not isinstance(net, nn.Module):
@@ -169,8 +218,18 @@ class MAMLModule(pl.LightningModule):
             self.inner_steps if eval_inner_steps is None else eval_inner_steps, "eval_inner_steps"
         )
         algorithm_object = resolve_algorithm(algorithm)
+        if getattr(algorithm_object, "_module_owned", False):
+            raise ValueError(
+                f"this {type(algorithm_object).__name__} object already belongs to another "
+                "MAMLModule, which trains its learned tensors and settings: give each module an "
+                f"algorithm object of its own (e.g. algorithm={type(algorithm_object).__name__}"
+                "(...) in each)"
+            )
         algorithm_object.bind(split_parameters(net)[0], self.inner_lr, self.inner_steps)
+        algorithm_object._module_owned = True
         check_vectorize(vectorize)
+        if on_nonfinite not in ("raise", "skip"):
+            raise ValueError(f"`on_nonfinite` must be 'raise' or 'skip', got {on_nonfinite!r}")
         if optimizers_from is not None:
             if not isinstance(optimizers_from, pl.LightningModule):
                 raise TypeError(
@@ -182,7 +241,9 @@ class MAMLModule(pl.LightningModule):
                     "`optimizers_from` gives the optimizers; leave `optimizer` and `meta_lr` out"
                 )
         if optimizer is None:
-            meta_lr = 1e-3 if meta_lr is None else check_inner_lr(meta_lr, "meta_lr", positive=True)
+            self.meta_lr = (
+                1e-3 if meta_lr is None else check_inner_lr(meta_lr, "meta_lr", positive=True)
+            )
         elif not callable(optimizer):
             raise TypeError(
                 f"`optimizer` must be a callable params -> Optimizer, got {optimizer!r}"
@@ -193,8 +254,9 @@ class MAMLModule(pl.LightningModule):
                 "`optimizer` replaces: set the learning rate in `optimizer` (in a config, "
                 "model.optimizer.init_args.lr) or leave `optimizer` out"
             )
+        else:
+            self.meta_lr = None
         self.vectorize = vectorize
-        self.meta_lr = meta_lr
         self.optimizer = optimizer
         self.track_initial_loss = track_initial_loss
         self.compile_meta_gradient = check_compile(compile)
@@ -202,9 +264,16 @@ class MAMLModule(pl.LightningModule):
             checkpoint_inner_steps, vectorize, compile
         )
         self.classification = loss == "cross_entropy" if classification is None else classification
+        self.on_nonfinite = on_nonfinite
+        #: training steps skipped for a non-finite meta-loss or meta-gradient (``"skip"``)
+        self.nonfinite_steps = 0
+        # the hyper-parameters rebuild the loss and the algorithm where they can be described
+        # (a name, an import path, a class path with its arguments); where not, they are left
+        # out and on_load_checkpoint refuses a module built otherwise than the one trained
+        loss = describe_loss(loss)
+        algorithm = algorithm if isinstance(algorithm, str) else _description(algorithm_object)
         ignore = ["net", "optimizer", "optimizers_from"]
-        ignore += [] if isinstance(loss, str) else ["loss"]
-        ignore += [] if isinstance(algorithm, str) else ["algorithm"]
+        ignore += [name for name, value in (("loss", loss), ("algorithm", algorithm)) if not value]
         self.save_hyperparameters(ignore=ignore)
         self.net = net
         self.algorithm = algorithm_object
@@ -213,6 +282,7 @@ class MAMLModule(pl.LightningModule):
         # not a submodule: its parameters are net's, registered once
         self.__dict__["optimizers_from"] = optimizers_from
         self.last_meta_output: MetaLossOutput | None = None
+        self._classes_checked = False
         # per-epoch (sum, count) of the training values; folded into train_metrics at epoch end
         self._train_totals: dict[str, tuple[Tensor, int]] = {}
         names = ["query_loss_before", "query_loss_after"]
@@ -241,6 +311,37 @@ class MAMLModule(pl.LightningModule):
                 f"must cover exactly the meta-parameters: missing {missing}, and {foreign} "
                 "tensors that are not meta-parameters"
             )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = {
+            **_identity(self.loss_fn, self.algorithm),
+            "nonfinite_steps": self.nonfinite_steps,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get(CHECKPOINT_KEY)
+        if saved is None:  # written before checkpoints recorded this
+            return
+        mine = _identity(self.loss_fn, self.algorithm)
+        problems = []
+        if saved["algorithm"] != mine["algorithm"]:
+            problems.append(
+                f"algorithm {_as_call(saved['algorithm'])} (this module has "
+                f"{_as_call(mine['algorithm'])}): pass algorithm={_as_call(saved['algorithm'])}"
+            )
+        if saved["loss"] != mine["loss"]:
+            problems.append(
+                f"loss {saved['loss']} (this module has {mine['loss']}): pass that function "
+                "as loss="
+            )
+        if problems:
+            raise ValueError(
+                "this checkpoint was trained with "
+                + "; and with ".join(problems)
+                + " (e.g. MAMLModule.load_from_checkpoint(path, net=..., algorithm=..., "
+                "loss=...)); where it records them as hyper-parameters they are rebuilt without"
+            )
+        self.nonfinite_steps = saved.get("nonfinite_steps", 0)
 
     def meta_forward(
         self, batch: Any, inner_steps: int | None = None, train: bool = True
@@ -295,26 +396,153 @@ class MAMLModule(pl.LightningModule):
         (the mean over the batch's tasks)."""
         return self.meta_forward(batch).loss
 
+    def _check_classes(self, episode: Episode) -> None:
+        """Once: a classifier's output must have a logit for every class of the episodes (the
+        data module's ``n_way``, and every label seen), checked before the engine would fail
+        with torch's 'Target ... is out of bounds'."""
+        if self._classes_checked or episode.support_y.is_floating_point():
+            return
+        self._classes_checked = True
+        if self.loss_fn is not cross_entropy_loss:
+            return
+        params, constants = split_parameters(self.net)
+        with torch.no_grad(), task_batch_norm(self.net):
+            logits = forward(self.net, params, constants, episode.support_x[0])
+        outputs = logits.shape[1] if logits.dim() > 1 else 0
+        labels = int(max(episode.support_y.max(), episode.query_y.max())) + 1
+        datamodule = getattr(self.trainer, "datamodule", None)
+        n_way = getattr(datamodule, "n_way", None)
+        relabels = getattr(datamodule, "relabel", True)
+        if outputs < labels or (n_way is not None and relabels and outputs < n_way):
+            raise ValueError(
+                f"{type(self.net).__name__} outputs {outputs} class logits (output shape "
+                f"{tuple(logits.shape)} for {episode.support_x.shape[1]} support examples), but "
+                + (f"the episodes are n_way={n_way}-way and " if n_way is not None else "")
+                + f"hold labels up to {labels - 1}: give the network one output per class"
+            )
+        if n_way is not None and relabels and outputs > n_way:
+            rank_zero_warn(
+                f"{type(self.net).__name__} outputs {outputs} class logits but the episodes are "
+                f"n_way={n_way}-way (labels 0..{n_way - 1}): the other {outputs - n_way} outputs "
+                "are never a target"
+            )
+
     def _metric_values(self, out: MetaLossOutput, batch: Episode) -> dict[str, Tensor]:
         return episode_metrics(out, batch.query_y, self.classification)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         episode = as_episode(batch)
+        self._check_classes(episode)
         out = self.meta_forward(episode)
         self.last_meta_output = out._replace(loss=out.loss.detach())  # for MetaGradientLogger
+        self._last_step = (episode, batch_idx)  # for the message of a non-finite step
         values = self._metric_values(out, episode)
         # metric updates are costly next to a small meta-batch: every step adds to plain running
-        # sums, and their epoch means go out (through torchmetrics, synchronised across processes)
-        # in on_train_epoch_end; step values go to self.log, which writes them on Lightning's
-        # logging steps (log_every_n_steps)
-        for name, value in values.items():
-            total, count = self._train_totals.get(name, (0, 0))
-            self._train_totals[name] = (total + value.detach().sum(), count + value.numel())
+        # sums (in on_train_batch_end, unless the step was skipped), and their epoch means go out
+        # (through torchmetrics, synchronised across processes) in on_train_epoch_end; step values
+        # go to self.log, which writes them on Lightning's logging steps (log_every_n_steps)
+        self._step_values = values
         if not self.trainer.barebones:  # barebones Trainers refuse self.log
             step_values = {f"train/{name}": v.mean() for name, v in values.items()}
             step_values["train/loss"] = out.loss.detach()
             self.log_dict(step_values, prog_bar=True, batch_size=len(out.query_losses))
         return out.loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        values, self._step_values = getattr(self, "_step_values", None), None
+        if values is None:  # skipped for non-finite values
+            return
+        for name, value in values.items():
+            total, count = self._train_totals.get(name, (0, 0))
+            self._train_totals[name] = (total + value.detach().sum(), count + value.numel())
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Refuse or skip a step whose meta-loss or meta-gradient is not finite (``on_nonfinite``),
+        before the optimizer (and gradient clipping) sees it."""
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        grads = [p.grad for p in params if p.grad is not None]
+        loss = self.last_meta_output.loss if self.last_meta_output is not None else None
+        checks = [] if loss is None else [torch.isfinite(loss).all()]
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        scaled = isinstance(self.trainer.precision_plugin, MixedPrecision) and scaler is not None
+        if not scaled:  # under a gradient scaler, inf gradients are the scaler's to skip
+            checks += [torch.isfinite(g).all() for g in grads]
+        finite = bool(torch.stack(checks).all()) if checks else True
+        if self.trainer.world_size > 1:  # the same verdict on every rank
+            finite = not self.trainer.strategy.reduce_boolean_decision(not finite, all=False)
+        if finite:
+            return
+        message = self._nonfinite_message(params, scaled)
+        if self.on_nonfinite == "raise":
+            raise FloatingPointError(message)
+        for p in params:  # an optimizer leaves a parameter without a gradient untouched
+            p.grad = None
+        self._step_values = None
+        self.nonfinite_steps += 1
+        rank_zero_warn(f"{message}; skipped (on_nonfinite='skip')")
+        if not self.trainer.barebones:
+            self.log("train/nonfinite_steps", float(self.nonfinite_steps), on_step=True)
+
+    def _nonfinite_message(self, params: Sequence[Tensor], scaled: bool) -> str:
+        episode, batch_idx = self._last_step
+        out = self.last_meta_output
+        names = {id(p): n for n, p in self.meta_parameters().items()}
+        bad_grads = [
+            names.get(id(p), "?")
+            for p in params
+            if p.grad is not None and not scaled and not bool(torch.isfinite(p.grad).all())
+        ]
+        rank = f", rank {self.trainer.global_rank}" if self.trainer.world_size > 1 else ""
+        where = (
+            f"training step {self.trainer.global_step} (epoch {self.current_epoch}, batch "
+            f"{batch_idx}{rank})"
+        )
+        parts = [f"meta-loss {out.loss.item():.4g}"]
+        if bad_grads:
+            parts.append(f"non-finite meta-gradient in {bad_grads}")
+        lines = [f"non-finite values at {where}: {', '.join(parts)}"]
+        tasks = (~torch.isfinite(out.query_losses)).nonzero().flatten().tolist()
+        data = {
+            field: (~torch.isfinite(t)).flatten(1).any(1).nonzero().flatten().tolist()
+            for field, t in zip(Episode._fields, episode)
+            if t.is_floating_point()
+        }
+        data = {field: ts for field, ts in data.items() if ts}
+        if data:
+            listed = "; ".join(f"{field} of tasks {ts}" for field, ts in data.items())
+            lines.append(f"the data hold NaN or inf: {listed}")
+        if tasks:
+            lines.append(
+                f"tasks {tasks} of the batch have a non-finite query loss after adaptation"
+            )
+            before = out.initial_query_losses
+            diverged = [
+                t
+                for t in tasks
+                if not any(t in ts for ts in data.values())
+                and (before is None or bool(torch.isfinite(before[t])))
+            ]
+            if diverged:
+                rates = [t.detach() for t in self.algorithm.learned().values()]
+                learned = (
+                    f", learned step sizes from {min(float(r.min()) for r in rates):.3g} to "
+                    f"{max(float(r.max()) for r in rates):.3g}"
+                    if rates
+                    else ""
+                )
+                lines.append(
+                    f"the adaptation of tasks {diverged} diverged from finite data and a finite "
+                    f"initial loss (inner_lr={self.inner_lr}, inner_steps={self.inner_steps}"
+                    f"{learned}): smaller step sizes or fewer inner steps"
+                )
+        elif not data:
+            lines.append(
+                "every task of this batch has finite data and a finite query loss: the non-finite "
+                "values arose in the backward pass through the adaptation"
+                + (" or on another rank" if self.trainer.world_size > 1 else "")
+            )
+        lines.append("nothing of this step was applied to the parameters")
+        return "; ".join(lines)
 
     def on_train_epoch_end(self) -> None:
         for name, (total, count) in self._train_totals.items():
@@ -346,6 +574,7 @@ class MAMLModule(pl.LightningModule):
         # tensors cannot take part in it, so leave inference mode and copy the batch out of it.
         with torch.inference_mode(False), torch.enable_grad():
             episode = Episode(*(t.clone() if t.is_inference() else t for t in as_episode(batch)))
+            self._check_classes(episode)
             out = self.meta_forward(episode, self.eval_inner_steps, train=False)
         self._update_metrics(stage, out, episode)
 

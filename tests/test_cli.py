@@ -131,3 +131,22 @@ def test_cli_trains_any_algorithm_and_tests_from_its_checkpoint(tmp_path, argume
     cli = build_cli(["test", "--config", str(path), *arguments, "--ckpt_path", str(ckpt)])
     trained = {n: p for n, p in algorithm.state_dict().items()}
     assert all((cli.model.algorithm.state_dict()[n] == p).all() for n, p in trained.items())
+
+
+def test_test_from_a_checkpoint_restores_an_algorithm_object_and_keeps_meta_lr_unset(tmp_path):
+    path = _tiny_config(tmp_path)
+    anil = [
+        "--model.algorithm=lightning_maml.functional.ANIL",
+        "--model.algorithm.head=[layers.4.*]",
+        "--model.algorithm.first_order=true",
+    ]
+    build_cli(["fit", "--config", str(path), *anil])
+    ckpt = next(tmp_path.glob("sinusoid/version_*/checkpoints/*.ckpt"))
+    cli = build_cli(["test", "--config", str(path), "--ckpt_path", str(ckpt)])
+    algorithm = cli.model.algorithm
+    assert type(algorithm).__name__ == "ANIL" and algorithm.first_order
+    assert algorithm.adapt == ["layers.4.*"]
+    # the default meta_lr was never given: another optimizer may replace the default Adam
+    sgd = ["--model.optimizer=torch.optim.SGD", "--model.optimizer.lr=0.1"]
+    cli = build_cli(["test", "--config", str(path), *sgd, "--ckpt_path", str(ckpt)])
+    assert cli.model.meta_lr is None and "test/query_loss_after" in cli.trainer.callback_metrics

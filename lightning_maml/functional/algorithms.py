@@ -31,8 +31,10 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import importlib
+import inspect
 from collections.abc import Mapping, Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -51,6 +53,7 @@ __all__ = [
     "MAMLPlusPlus",
     "MetaSGD",
     "Reptile",
+    "describe_algorithm",
     "register_algorithm",
     "resolve_algorithm",
     "split_prefixed",
@@ -108,23 +111,49 @@ class Algorithm(nn.Module):
     # ---- set up once per network ------------------------------------------------------------
     def bind(self, params: Mapping[str, Tensor], inner_lr: float, inner_steps: int) -> None:
         """Set the algorithm up for a network with these trainable ``params`` (called by
-        :class:`~lightning_maml.MAMLModule` at construction, and by the engine on first use):
-        checks that ``adapt`` selects something and creates learned tensors. Binding again to
-        the same parameter names does nothing; to other names raises."""
+        :class:`~lightning_maml.MAMLModule` at construction, and by the engine on every call):
+        checks that ``adapt`` selects something and creates learned tensors.
+
+        Binding again to the same parameters, or to some of them (a layer frozen since, which then
+        stays fixed), does nothing more; to parameters it was not set up for raises where the
+        algorithm has learned tensors (it has none for them), and otherwise sets it up for those.
+        """
         names = tuple(params)
-        if self._bound is not None:
-            if names != self._bound:
-                raise ValueError(
-                    f"{type(self).__name__} was set up for parameters {list(self._bound)} and "
-                    f"cannot run on {list(names)}; use one algorithm object per network"
-                )
-            return
-        if not self.adapted(params):
+        if self._bound is not None and not set(names) <= set(self._bound) and self.learned():
+            new = [n for n in names if n not in self._bound]
             raise ValueError(
-                f"`adapt={self.adapt!r}` selects none of the trainable parameters {list(names)}"
+                f"{type(self).__name__} was set up for parameters {list(self._bound)}, which do "
+                f"not include {new}, and has learned tensors for those only: use one algorithm "
+                "object per network, and unfreeze a parameter only if it was trainable when the "
+                "algorithm was set up"
             )
+        if not self.adapted(params):
+            frozen = "" if self._bound is None else " (the others are frozen)"
+            raise ValueError(
+                f"`adapt={self.adapt!r}` selects none of the trainable parameters "
+                f"{list(names)}{frozen}"
+            )
+        if self._bound is not None and set(names) <= set(self._bound):
+            return
         self._bind(params, inner_lr, inner_steps)
         self._bound = names
+
+    def init_args(self) -> dict[str, Any]:
+        """The arguments that rebuild this algorithm (``type(self)(**init_args())``), saved in
+        :class:`~lightning_maml.MAMLModule`'s checkpoints: by default each ``__init__`` argument
+        read from the attribute of the same name. A subclass whose arguments are stored otherwise
+        overrides this; one that cannot be described raises ``TypeError``."""
+        args = {}
+        for name in inspect.signature(type(self).__init__).parameters:
+            if name == "self":
+                continue
+            if not hasattr(self, name):
+                raise TypeError(
+                    f"{type(self).__name__}.init_args() cannot read `{name}`: override "
+                    "init_args() to return the arguments that rebuild it"
+                )
+            args[name] = getattr(self, name)
+        return args
 
     def _bind(self, params: Mapping[str, Tensor], inner_lr: float, inner_steps: int) -> None:
         """Create learned tensors (subclasses)."""
@@ -230,13 +259,24 @@ class ANIL(Algorithm):
 
     def __init__(self, head: Sequence[str] | None = None, first_order: bool = False) -> None:
         super().__init__(first_order=first_order, adapt=head)
+        self._default_head: str | None = None
 
     def adapted(self, params: Mapping[str, Tensor]) -> list[str]:
         if self.adapt is not None:
             return super().adapted(params)
-        names = list(params)
-        last_module = names[-1].rpartition(".")[0]
-        return [n for n in names if n.rpartition(".")[0] == last_module]
+        # the last module with trainable parameters when first set up: freezing it later leaves
+        # nothing to adapt rather than moving the head to another layer
+        last_module = self._default_head
+        if last_module is None:
+            last_module = list(params)[-1].rpartition(".")[0]
+        return [n for n in params if n.rpartition(".")[0] == last_module]
+
+    def _bind(self, params: Mapping[str, Tensor], inner_lr: float, inner_steps: int) -> None:
+        if self.adapt is None and self._default_head is None:
+            self._default_head = list(params)[-1].rpartition(".")[0]
+
+    def init_args(self) -> dict[str, Any]:
+        return {"head": self.adapt, "first_order": self.first_order}
 
 
 class MetaSGD(Algorithm):
@@ -349,21 +389,58 @@ for _cls in (MAML, FOMAML, Reptile, ANIL, MetaSGD, MAMLPlusPlus):
 ALGORITHMS: tuple[str, ...] = tuple(_REGISTRY)
 
 
-def resolve_algorithm(algorithm: str | Algorithm) -> Algorithm:
-    """An :class:`Algorithm` from a registered name (a new object with default settings) or the
-    object itself.
+def describe_algorithm(algorithm: Algorithm) -> dict[str, Any]:
+    """The class and arguments that rebuild ``algorithm`` with :func:`resolve_algorithm`, as
+    LightningCLI writes them (``{"class_path": ..., "init_args": ...}``); its learned tensors
+    are not included (they are state, saved with the module's ``state_dict``).
+
+    Raises:
+        TypeError: if the algorithm's class cannot be imported by its path or its arguments
+            cannot be read (see :meth:`Algorithm.init_args`).
+
+    Example::
+
+        >>> describe_algorithm(ANIL(head=["fc.*"]))
+        {'class_path': 'lightning_maml.functional.algorithms.ANIL', 'init_args': {'head': ['fc.*'], 'first_order': False}}
+    """  # noqa: E501
+    cls = type(algorithm)
+    path = f"{cls.__module__}.{cls.__qualname__}"
+    if "<" in path or _import(path) is not cls:
+        raise TypeError(f"{cls.__name__} cannot be imported as {path!r}")
+    return {"class_path": path, "init_args": algorithm.init_args()}
+
+
+def _import(path: str) -> Any:
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+
+
+def resolve_algorithm(algorithm: str | Algorithm | Mapping[str, Any]) -> Algorithm:
+    """An :class:`Algorithm` from a registered name (a new object with default settings), a
+    description of :func:`describe_algorithm` (a new object with those settings), or the object
+    itself.
 
     Example::
 
         >>> resolve_algorithm("fomaml").is_first_order(epoch=0)
+        True
+        >>> resolve_algorithm(describe_algorithm(ANIL(first_order=True))).first_order
         True
     """
     if isinstance(algorithm, Algorithm):
         return algorithm
     if isinstance(algorithm, str) and algorithm in _REGISTRY:
         return _REGISTRY[algorithm]()
+    if isinstance(algorithm, Mapping) and set(algorithm) <= {"class_path", "init_args"}:
+        cls = _import(str(algorithm.get("class_path")))
+        if isinstance(cls, type) and issubclass(cls, Algorithm):
+            return cls(**dict(algorithm.get("init_args") or {}))
     raise ValueError(
-        f"`algorithm` must be one of {tuple(_REGISTRY)} or an Algorithm object, got {algorithm!r}"
+        f"`algorithm` must be one of {tuple(_REGISTRY)}, an Algorithm object or a description "
+        f"{{'class_path': <an Algorithm class>, 'init_args': {{...}}}}, got {algorithm!r}"
     )
 
 
