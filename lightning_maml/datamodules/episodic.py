@@ -3,7 +3,8 @@ trials held in memory as one tensor, or any map-style ``Dataset`` read sample by
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
@@ -28,9 +29,10 @@ class EpisodicDataset(Dataset):
 
     Args:
         x: ``[N, *features]`` trials, or any map-style ``Dataset`` of ``N`` samples (each an
-            input, or a tuple whose first element is the input): an episode then reads exactly
-            its samples, each once, through the dataset's ``__getitem__`` (in the DataLoader's
-            workers, with the dataset's own transforms), and nothing before.
+            input, a tuple whose first element is the input, or with ``input_key`` a mapping or
+            tuple holding it): an episode then reads exactly its samples, each once, through the
+            dataset's ``__getitem__`` (in the DataLoader's workers, with the dataset's own
+            transforms), and nothing before.
         y: ``[N]`` integer class labels.
         task_ids: ``[N]`` task of each trial (e.g. subject numbers).
         n_way: classes per episode.
@@ -42,10 +44,15 @@ class EpisodicDataset(Dataset):
             so the same class takes different labels in different episodes; ``False`` keeps the
             original labels (classes in ascending order).
         seed: seed of the draws.
+        input_key: where a sample of a ``Dataset`` holds its input: a key of a mapping sample
+            (``{"image": ..., "label": ...}``) or an index of a tuple; default: the first item of
+            a tuple or list, else the sample itself.
 
     Raises:
         ValueError: on counts below 1, mismatched lengths, an unknown task, or a task with fewer
-            than ``n_way`` classes holding ``k_shot + query_size`` trials (naming task and class).
+            than ``n_way`` classes holding ``k_shot + query_size`` trials (naming task and class);
+            when an episode is read, on a mapping sample without ``input_key`` (naming its keys)
+            or a sample without ``input_key``.
 
     Example::
 
@@ -69,6 +76,7 @@ class EpisodicDataset(Dataset):
         tasks: Sequence | None = None,
         relabel: bool = True,
         seed: int = 0,
+        input_key: Any = None,
     ) -> None:
         for name, value in (
             ("n_way", n_way),
@@ -91,6 +99,7 @@ class EpisodicDataset(Dataset):
         self.x, self.y = x, y
         self.n_way, self.k_shot, self.query_size = n_way, k_shot, query_size
         self.num_episodes, self.relabel, self.seed = num_episodes, relabel, seed
+        self.input_key = input_key
         self.epoch = 0
         present = sorted(set(task_ids.tolist()))
         self.tasks = list(present if tasks is None else tasks)
@@ -150,9 +159,24 @@ class EpisodicDataset(Dataset):
     def _read(self, indices: Tensor) -> Tensor:
         if isinstance(self.x, Tensor):
             return self.x[indices]
-        samples = [self.x[int(i)] for i in indices]
-        inputs = [s[0] if isinstance(s, (tuple, list)) else s for s in samples]
+        inputs = [self._input(self.x[int(i)], int(i)) for i in indices]
         return torch.stack([torch.as_tensor(t) for t in inputs])
+
+    def _input(self, sample: Any, index: int) -> Any:
+        what = f"sample {index} of {type(self.x).__name__}"
+        if self.input_key is not None:
+            try:
+                return sample[self.input_key]
+            except (KeyError, IndexError, TypeError):
+                keys = list(sample) if isinstance(sample, Mapping) else type(sample).__name__
+                raise ValueError(
+                    f"{what} has no input at input_key={self.input_key!r} (it holds {keys})"
+                ) from None
+        if isinstance(sample, Mapping):
+            raise ValueError(
+                f"{what} is a mapping with keys {list(sample)}: pass input_key=<the input's key>"
+            )
+        return sample[0] if isinstance(sample, (tuple, list)) else sample
 
 
 class EpisodeSampler(Sampler[int]):

@@ -16,9 +16,10 @@ from lightning_maml.datamodules.episodic import EpisodicDataModule, EpisodicData
 SPLITS = ("train", "val", "test")
 
 
-def read_labels(dataset: Dataset) -> np.ndarray:
+def read_labels(dataset: Dataset, label_key: Any = None) -> np.ndarray:
     """The integer class label of every sample of a map-style dataset: its ``targets`` attribute
-    where it has one (torchvision's convention), else one pass reading ``dataset[i][1]``.
+    where it has one (torchvision's convention), else one pass reading ``dataset[i][1]``
+    (``dataset[i][label_key]`` with ``label_key``, e.g. the key of mapping samples).
 
     Raises:
         ValueError: if a label is not an integer (naming the sample) or a sample is no
@@ -37,13 +38,42 @@ def read_labels(dataset: Dataset) -> np.ndarray:
     labels = []
     for i in range(len(dataset)):
         sample = dataset[i]
+        if label_key is not None:
+            try:
+                labels.append(sample[label_key])
+            except (KeyError, IndexError, TypeError):
+                keys = list(sample) if isinstance(sample, Mapping) else type(sample).__name__
+                raise ValueError(
+                    f"sample {i} of {type(dataset).__name__} has no label at "
+                    f"label_key={label_key!r} (it holds {keys})"
+                ) from None
+            continue
         if not isinstance(sample, (tuple, list)) or len(sample) < 2:
             raise ValueError(
                 f"sample {i} of {type(dataset).__name__} is not an (input, label) pair "
-                f"(got {type(sample).__name__}); pass `labels` to give the labels"
+                f"(got {type(sample).__name__}); pass `labels` to give the labels, or "
+                "`label_key` (and `input_key`) to say where a sample holds them"
             )
         labels.append(sample[1])
     return _integer_labels(labels, f"the labels of {type(dataset).__name__}")
+
+
+def _shares(fractions: Sequence[float], n: int) -> list[int]:
+    """Counts of ``n`` items in proportion to ``fractions`` (largest remainders): all ``n`` where
+    the fractions sum to 1, so no class is left out by rounding.
+
+    Example::
+
+        >>> _shares((0.6, 0.2, 0.2), 7), _shares((0.5, 0.5, 0.0), 5), _shares((0.5, 0.2, 0), 10)
+        ([4, 2, 1], [3, 2, 0], [5, 2, 0])
+    """
+    exact = [f * n for f in fractions]
+    counts = [int(e) for e in exact]
+    total = min(n, int(round(sum(fractions) * n)))
+    by_remainder = sorted(range(len(exact)), key=lambda i: counts[i] - exact[i])
+    for i in by_remainder[: max(0, total - sum(counts))]:
+        counts[i] += 1
+    return counts
 
 
 def _integer_labels(values: Sequence[Any], what: str) -> np.ndarray:
@@ -90,6 +120,10 @@ class FewShotDataModule(EpisodicDataModule):
         episodes_per_epoch: training episodes per epoch; num_eval_episodes: per val/test split.
         seed: seed of the split and of the episodes.
         num_workers: DataLoader workers (they read the samples).
+        input_key, label_key: where a sample holds its input and its label: keys of mapping
+            samples (``input_key="image", label_key="label"``) or indices of tuples; default:
+            items 0 and 1 of ``(input, label)`` pairs. ``label_key`` is read only where labels
+            are neither given nor a ``targets`` attribute.
 
     Raises:
         ValueError: on counts below 1, both or neither of ``dataset`` and ``train``, labels that
@@ -130,6 +164,8 @@ class FewShotDataModule(EpisodicDataModule):
         num_eval_episodes: int = 100,
         seed: int = 0,
         num_workers: int = 0,
+        input_key: Any = None,
+        label_key: Any = None,
     ) -> None:
         super().__init__(
             n_way,
@@ -157,6 +193,7 @@ class FewShotDataModule(EpisodicDataModule):
         self.dataset, self.datasets = dataset, {"train": train, "val": val, "test": test}
         self.labels, self.groups, self.classes = labels, groups, classes
         self.fractions = tuple(fractions)
+        self.input_key, self.label_key = input_key, label_key
         #: per split: (dataset, labels, task ids), set by ``setup``
         self.splits: dict[str, tuple[Dataset, np.ndarray, np.ndarray]] = {}
         #: per split: its classes (or groups, with ``groups``)
@@ -209,7 +246,7 @@ class FewShotDataModule(EpisodicDataModule):
     def _split_one_dataset(self) -> None:
         dataset = self.dataset
         if self.labels is None:
-            labels = read_labels(dataset)
+            labels = read_labels(dataset, self.label_key)
         else:
             labels = _integer_labels(
                 list(self._check_length(self.labels, dataset, "`labels`")), "`labels`"
@@ -228,7 +265,7 @@ class FewShotDataModule(EpisodicDataModule):
         else:
             order = np.random.default_rng(self.seed).permutation(len(available))
             shuffled = [available[i] for i in order]
-            counts = [int(round(f * len(available))) for f in self.fractions]
+            counts = _shares(self.fractions, len(available))
             chosen, start = {}, 0
             for split, count in zip(SPLITS, counts):
                 chosen[split], start = shuffled[start : start + count], start + count
@@ -249,7 +286,7 @@ class FewShotDataModule(EpisodicDataModule):
                 continue
             given = self._per_split(self.labels, split, dataset, "labels")
             labels = (
-                read_labels(dataset)
+                read_labels(dataset, self.label_key)
                 if given is None
                 else _integer_labels(list(given), f"`labels[{split!r}]`")
             )
@@ -292,6 +329,7 @@ class FewShotDataModule(EpisodicDataModule):
                 num_episodes=default if num_episodes is None else num_episodes,
                 relabel=True,
                 seed=self.seed * 3 + SPLITS.index(split),
+                input_key=self.input_key,
             )
         except ValueError as error:
             raise ValueError(f"{split} split: {error}") from None

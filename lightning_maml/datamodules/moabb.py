@@ -80,7 +80,9 @@ def _checksum(x: np.ndarray, y: np.ndarray) -> str:
 
 def _write_cache(path: Path, x: np.ndarray, y: np.ndarray) -> None:
     """Write atomically: a temporary file beside ``path``, renamed over it once complete, so a
-    process killed while writing leaves no partial file and concurrent writers never collide."""
+    process killed while writing leaves no partial file and concurrent writers never collide.
+    The file gets the permissions the umask gives new files (a cache folder shared between users
+    stays readable by all of them). Raises ``OSError`` where the folder cannot be written."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(
         dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
@@ -89,11 +91,22 @@ def _write_cache(path: Path, x: np.ndarray, y: np.ndarray) -> None:
             np.savez(file, x=x, y=y, sha256=np.array(_checksum(x, y)))
             file.flush()
             os.fsync(file.fileno())
+            os.chmod(file.name, 0o666 & ~_umask())  # NamedTemporaryFile makes it 0600
         except BaseException:
             file.close()
             Path(file.name).unlink(missing_ok=True)
             raise
-    os.replace(file.name, path)
+    try:
+        os.replace(file.name, path)
+    except OSError:
+        Path(file.name).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _read_cache(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
@@ -329,7 +342,16 @@ class MOABBDataModule(EpisodicDataModule):
             raise RuntimeError(message) from None
         x, y = x.astype(np.float32), np.asarray(y).astype(str)
         if path is not None:
-            _write_cache(path, x, y)
+            try:
+                _write_cache(path, x, y)
+            except OSError as error:  # read-only, not ours, full: the data are loaded anyway
+                warnings.warn(
+                    f"cannot write the cache folder {str(path.parent)!r} "
+                    f"({type(error).__name__}: {error}); loading without caching. Pass "
+                    "cache_dir=None to load without a cache, or cache_dir=<a writable folder>",
+                    stacklevel=2,
+                )
+                self.cache_dir = None  # no further attempts (prepare_data then loads no more)
         return x, y
 
     def prepare_data(self) -> None:

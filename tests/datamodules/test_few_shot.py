@@ -231,3 +231,51 @@ def test_ddp_ranks_draw_different_episodes(tmp_path):
     for i in range(2):
         rank0, rank1 = (torch.load(tmp_path / f"rank{r}-{i}.pt") for r in (0, 1))
         assert not torch.equal(rank0, rank1)
+
+
+@pytest.mark.parametrize(
+    "n_classes, fractions, counts",
+    [
+        (7, (0.6, 0.2, 0.2), [4, 2, 1]),
+        (5, (0.5, 0.5, 0.0), [3, 2, 0]),
+        (10, (0.5, 0.2, 0), [5, 2, 0]),
+    ],
+)
+def test_fractions_summing_to_one_use_every_class(n_classes, fractions, counts):
+    data = TensorDataset(torch.randn(n_classes * 10, 2), torch.arange(n_classes).repeat(10))
+    dm = FewShotDataModule(data, n_way=1, k_shot=2, query_size=3, fractions=fractions)
+    dm.setup("fit")
+    split = [len(dm.split_classes.get(s, [])) for s in ("train", "val", "test")]
+    assert split == counts
+    used = [c for classes in dm.split_classes.values() for c in classes]
+    assert len(set(used)) == len(used) == sum(counts)
+
+
+class DictDataset(Dataset):
+    """Samples as mappings, the way many dataset libraries give them."""
+
+    def __init__(self):
+        self.x, self.y = torch.randn(200, 4), torch.arange(200) % 10
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {"image": self.x[i], "label": int(self.y[i])}
+
+
+def test_mapping_samples_are_read_through_input_and_label_keys():
+    data = DictDataset()
+    dm = FewShotDataModule(data, n_way=2, k_shot=1, query_size=2, input_key="image", labels=data.y)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch.support_x.shape == (4, 2, 4)
+    keyed = FewShotDataModule(data, n_way=2, input_key="image", label_key="label")
+    keyed.setup("fit")
+    assert keyed.split_classes == dm.split_classes
+    with pytest.raises(ValueError, match=r"mapping with keys \['image', 'label'\]: pass input_key"):
+        no_key = FewShotDataModule(data, n_way=2, k_shot=1, query_size=2, labels=data.y)
+        no_key.setup("fit")
+        next(iter(no_key.train_dataloader()))
+    with pytest.raises(ValueError, match=r"no label at label_key='target'.*\['image', 'label'\]"):
+        FewShotDataModule(data, n_way=2, label_key="target").setup("fit")

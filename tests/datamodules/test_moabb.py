@@ -1,5 +1,6 @@
 """MOABBDataModule through MOABB's real loading path: FakeDataset, cache, errors, real PhysioNet."""
 
+import os
 import shutil
 import threading
 import time
@@ -351,3 +352,40 @@ def test_the_shipped_physionet_config_trains_on_all_five_real_subjects(tmp_path,
     assert torch.allclose(x.mean(dim=2), torch.zeros(()), atol=1e-4)
     metrics = cli.trainer.test(cli.model, datamodule=dm, verbose=False)[0]
     assert 0.0 <= metrics["test/query_acc_after"] <= 1.0
+
+
+def test_a_cache_folder_that_cannot_be_written_loads_without_caching(tmp_path):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")  # a cache folder below a file cannot be created, root or not
+    expected = _loaded(_module(tmp_path / "writable"))
+    dm = _module(tmp_path, cache_dir=str(blocked / "cache"))
+    with pytest.warns(UserWarning, match=f"cannot write the cache folder '{blocked / 'cache'}'"):
+        dm.prepare_data()
+        dm.setup("fit")
+    assert dm.cache_dir is None  # one warning, no further attempts
+    np.testing.assert_array_equal(dm.data["train"][0].numpy(), expected)
+
+
+def test_a_cache_file_that_cannot_replace_anothers_is_not_fatal(tmp_path, monkeypatch):
+    # a sticky shared folder: another user's file cannot be replaced
+    def refuse(source, target):
+        raise PermissionError(1, "Operation not permitted", str(target))
+
+    monkeypatch.setattr("lightning_maml.datamodules.moabb.os.replace", refuse)
+    dm = _module(tmp_path)
+    with pytest.warns(UserWarning, match="PermissionError"):
+        dm.prepare_data()
+    dm.setup("fit")
+    assert list(tmp_path.iterdir()) == []  # no temporary file left behind
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664)])
+def test_cache_files_get_the_umasks_permissions(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        _write_cache(
+            tmp_path / "subject.npz", np.zeros((2, 1, 4), np.float32), np.array(["a", "b"])
+        )
+    finally:
+        os.umask(old)
+    assert (tmp_path / "subject.npz").stat().st_mode & 0o777 == mode
