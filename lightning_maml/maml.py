@@ -178,6 +178,20 @@ class MAML(nn.Module):
             raise ValueError(f"`loss` must be a scalar tensor, got {shape}")
         params = dict(self.module.named_parameters())
         frozen = [name for name, p in params.items() if not p.requires_grad]
+        if params and len(frozen) == len(params):
+            raise ValueError(
+                "no parameter of this learner requires grad, so it has nothing to adapt: a "
+                "learner cloned under torch.no_grad() or torch.inference_mode() (or from a frozen "
+                "model) holds copies without a graph. Call clone() and adapt() with gradients "
+                "enabled (evaluate under no_grad only after adapting; for evaluation without a "
+                "meta-gradient, clone(first_order=True))"
+            )
+        if not loss.requires_grad:
+            raise ValueError(
+                "`loss` does not require grad: it was computed under torch.no_grad() or from "
+                "tensors without a graph to this learner's parameters; compute the adaptation "
+                "loss with gradients enabled"
+            )
         if frozen and not allow_nograd:
             raise ValueError(
                 f"parameters {frozen} do not require grad; pass allow_nograd=True to leave them "

@@ -307,3 +307,20 @@ def test_forward_hooks_see_the_adapted_network():
     learner.module.head.register_forward_hook(lambda *args: seen.append("clone only"))
     net(x)
     assert "clone only" not in seen
+
+
+def test_a_clone_made_under_no_grad_is_refused_with_advice_that_works():
+    maml, x = MAML(nn.Linear(2, 1), lr=0.1), torch.randn(4, 2)
+    with torch.no_grad():
+        learner = maml.clone()
+    for allow_nograd in (False, True):  # the advice is not allow_nograd, which cannot help
+        with pytest.raises(ValueError, match="cloned under torch.no_grad.*Call clone\\(\\) and"):
+            learner.adapt(learner(x).pow(2).mean(), allow_nograd=allow_nograd)
+    learner = maml.clone()  # following the advice
+    with torch.no_grad():
+        loss = learner(x).pow(2).mean()
+    with pytest.raises(ValueError, match="`loss` does not require grad"):
+        learner.adapt(loss)
+    learner.adapt(learner(x).pow(2).mean())
+    learner(x).pow(2).mean().backward()
+    assert maml.module.weight.grad is not None
