@@ -18,6 +18,7 @@ import types
 import warnings
 import weakref
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from functools import partial
 
 import torch
@@ -189,16 +190,22 @@ def vmap_error(
     return worst, f"relative difference {worst:.2e} in the {where}"
 
 
-def comparison_dtype(params: Mapping[str, Tensor], x: Tensor) -> torch.dtype:
-    """The least precise floating dtype the tasks compute in: the parameters' and data's
-    (:func:`compute_dtype`), or autocast's where it is on for the data's device."""
+def _half_precision(params: Mapping[str, Tensor], x: Tensor) -> bool:
+    # computing in a 16-bit dtype: the parameters' or data's, or autocast's on the data's device
     dtype = compute_dtype(params, x)
-    device = x.device.type
-    if torch.is_autocast_enabled(device):
-        autocast = torch.get_autocast_dtype(device)
-        if torch.finfo(autocast).eps > torch.finfo(dtype).eps:
-            dtype = autocast
-    return dtype
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+    return torch.finfo(dtype).bits < 32
+
+
+def _float32(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    # 16-bit floating tensors as float32 leaves, requiring grad as they did
+    return {
+        n: t.detach().float().requires_grad_(t.requires_grad)
+        if t.is_floating_point() and torch.finfo(t.dtype).bits < 32
+        else t
+        for n, t in tensors.items()
+    }
 
 
 def vmap_pays_off(net: nn.Module, device: torch.device, compiled: bool = False) -> bool:
@@ -286,15 +293,26 @@ class Executor:
         """vectorize="auto": vmap for this setting if it pays off (:func:`vmap_pays_off`) and
         agreed with the per-task loop on its first batch with finite values (checked once, see
         :func:`vmap_error`; a batch whose per-task run gives NaN or inf runs in the loop and
-        decides nothing), to ``sqrt(eps)`` of the least precise dtype in use (autocast's
-        included); a disagreement warns once."""
+        decides nothing), to ``sqrt(eps)`` of the dtype; runs in 16-bit dtypes or under autocast
+        are compared in float32 without autocast. A disagreement warns once."""
         if key not in self.decisions and not vmap_pays_off(net, batch[0].device, compiled):
             self.decisions[key] = False
         if key not in self.decisions:
-            error, detail = vmap_error(task, params, constants, batch)
+            device = batch[0].device.type
+            if _half_precision(params, batch[0]):
+                # 16-bit rounding differs between any two orders of summation by more than the
+                # check could allow: the batching rules are compared in float32 instead
+                params, constants = _float32(params), _float32(constants)
+                batch = tuple(_float32(dict(enumerate(batch))).values())
+            with (
+                torch.autocast(device, enabled=False)
+                if device in ("cpu", "cuda")
+                else nullcontext()
+            ):
+                error, detail = vmap_error(task, params, constants, batch)
             if math.isnan(error):  # this batch cannot tell: the loop runs it, the next decides
                 return False
-            tolerance = math.sqrt(torch.finfo(comparison_dtype(params, batch[0])).eps)
+            tolerance = math.sqrt(torch.finfo(compute_dtype(params, batch[0])).eps)
             self.decisions[key] = error <= tolerance
             if not self.decisions[key]:
                 problem = (
