@@ -703,3 +703,23 @@ def test_16_bit_rounding_does_not_turn_vmap_off(dtype, autocast):
         warnings.simplefilter("error")
         out = meta_loss(net, "mse", *batch, inner_lr=0.01, executor=executor)
     assert out.vectorized
+
+
+def test_compiled_meta_loss_compiles_once_for_fresh_batches_of_one_setting(monkeypatch):
+    graphs, compile = [], torch.compile
+
+    def counting_compile(fn, mode=None, **kwargs):
+        def backend(graph, example_inputs):  # counts the graphs dynamo hands over, runs eagerly
+            graphs.append(graph)
+            return graph.forward
+
+        return compile(fn, backend=backend, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", counting_compile)
+    net, g = tanh_mlp().float(), torch.Generator().manual_seed(0)
+    for _ in range(5):  # a user's own loop: a fresh batch each call, the algorithm by name
+        batch = [torch.randn(4, 5, 1, generator=g) for _ in range(4)]
+        meta_loss(net, "mse", *batch, inner_lr=0.1, compile=True, algorithm="maml").loss.backward()
+    assert len(graphs) == 1
+    meta_loss(net, "mse", *batch, inner_lr=0.1, compile=True, algorithm="fomaml")
+    assert len(graphs) == 2  # another setting compiles once more

@@ -20,10 +20,14 @@ import weakref
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 from torch.func import vmap
+
+if TYPE_CHECKING:
+    from lightning_maml.functional.algorithms import Algorithm
 
 TaskFn = Callable[..., tuple[Tensor, Tensor, Tensor, Tensor]]
 
@@ -265,9 +269,11 @@ class Executor:
     def __init__(self) -> None:
         self.decisions: dict[tuple, bool] = {}
         self.compiled: dict[tuple, Callable] = {}
+        #: the algorithm objects of the names meta-losses were called with
+        self.algorithms: dict[str, Algorithm] = {}
 
     def __getstate__(self) -> dict:
-        return {"decisions": {}, "compiled": {}}
+        return {"decisions": {}, "compiled": {}, "algorithms": {}}
 
     def __deepcopy__(self, memo: dict) -> Executor:
         return Executor()

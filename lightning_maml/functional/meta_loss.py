@@ -184,7 +184,15 @@ def meta_loss(
     loss_fn = resolve_loss(loss_fn)
     inner_lr = check_inner_lr(inner_lr, positive=True)
     inner_steps = check_inner_steps(inner_steps)
-    algo = resolve_algorithm(algorithm)
+    executor = executor_of(net) if executor is None else executor
+    # a name resolves to the same object on every call, so that what is keyed by the algorithm
+    # (compiled functions) is found again
+    if isinstance(algorithm, str):
+        if algorithm not in executor.algorithms:
+            executor.algorithms[algorithm] = resolve_algorithm(algorithm)
+        algo = executor.algorithms[algorithm]
+    else:
+        algo = resolve_algorithm(algorithm)
     vectorize = check_vectorize(vectorize)
     check_count(epoch, "epoch", minimum=0)
     check_episode(support_x, support_y, query_x, query_y)
@@ -212,7 +220,6 @@ def meta_loss(
         and torch.is_grad_enabled()
         and any(t.requires_grad for t in inputs.values())
     )
-    executor = executor_of(net) if executor is None else executor
     task = partial(
         task_meta_loss,
         algo,
