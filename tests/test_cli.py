@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from lightning_maml.cli import build_cli
@@ -150,3 +151,19 @@ def test_test_from_a_checkpoint_restores_an_algorithm_object_and_keeps_meta_lr_u
     sgd = ["--model.optimizer=torch.optim.SGD", "--model.optimizer.lr=0.1"]
     cli = build_cli(["test", "--config", str(path), *sgd, "--ckpt_path", str(ckpt)])
     assert cli.model.meta_lr is None and "test/query_loss_after" in cli.trainer.callback_metrics
+
+
+@pytest.mark.parametrize(
+    "given, expected", [([], 1), (["--threads=3"], 3), (["--threads=null"], 5)]
+)
+def test_threads_are_set_before_the_run_from_the_flag_or_config(tmp_path, given, expected):
+    before = torch.get_num_threads()
+    torch.set_num_threads(5)
+    try:
+        path = _tiny_config(tmp_path)
+        build_cli(["fit", "--config", str(path), "--trainer.max_steps=1", *given])
+        assert torch.get_num_threads() == expected
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(SystemExit):  # jsonargparse names the key and the value it refuses
+        build_cli(["fit", "--config", str(path), "--threads=0"])
