@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from copy import deepcopy
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -17,6 +18,7 @@ from torchmetrics import MeanMetric
 from lightning_maml._checks import (
     check_checkpointing,
     check_compile,
+    check_episode,
     check_inner_lr,
     check_inner_steps,
     check_vectorize,
@@ -33,6 +35,7 @@ from lightning_maml.functional import (
     split_parameters,
 )
 from lightning_maml.functional.algorithms import describe_algorithm, split_prefixed
+from lightning_maml.functional.inner import adapt_parameters
 from lightning_maml.functional.losses import cross_entropy_loss, describe_loss
 from lightning_maml.functional.meta_loss import AlgorithmName, Vectorize
 from lightning_maml.functional.parameters import forward, task_batch_norm
@@ -577,6 +580,74 @@ class MAMLModule(pl.LightningModule):
             self._check_classes(episode)
             out = self.meta_forward(episode, self.eval_inner_steps, train=False)
         self._update_metrics(stage, out, episode)
+
+    def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> nn.Module:
+        """Calibrate to one new task (e.g. a new EEG subject) from its labelled trials: a
+        standalone copy of the network whose parameters are the meta-parameters after the
+        algorithm's inner updates on ``support_x`` (``[K, *features]``) and ``support_y``
+        (``[K, *targets]``), ``steps`` of them (default ``eval_inner_steps``), with its learned
+        step sizes where it has them; only the parameters the algorithm adapts change.
+
+        The copy is a plain ``nn.Module`` in eval mode with no graph to this module, which is left
+        unchanged: use it for inference, save it, export it. The adaptation runs as in validation
+        and test (dropout off, first order, from detached parameters). Its BatchNorm layers, as in
+        meta-training, normalise with the statistics of the batch they are given (their running
+        statistics are removed): give it the trials to classify together.
+
+        Example::
+
+            >>> import torch
+            >>> from lightning_maml.models import MLP
+            >>> module = MAMLModule(MLP(), inner_lr=0.1)
+            >>> x = torch.linspace(-3, 3, 10).unsqueeze(1)
+            >>> calibrated = module.adapt(x, torch.sin(x), steps=5)
+            >>> calibrated(x).shape, calibrated.training
+            (torch.Size([10, 1]), False)
+        """
+        steps = self.eval_inner_steps if steps is None else check_inner_steps(steps, "steps")
+        # one task, its support set standing in for the query set: the episode's checks
+        check_episode(support_x[None], support_y[None], support_x[None], support_y[None])
+        algorithm = self.algorithm.with_order(first_order=True)
+        params, constants = split_parameters(self.net)
+        params = {name: p.detach() for name, p in params.items()}
+        learned = {name: t.detach() for name, t in self.algorithm.learned().items()}
+        training = self.net.training
+        self.net.eval()  # adapted as in validation and test: no dropout
+        try:
+            with torch.inference_mode(False), torch.enable_grad(), task_batch_norm(self.net):
+                adapted = adapt_parameters(
+                    self.net,
+                    params,
+                    constants,
+                    self.loss_fn,
+                    support_x,
+                    support_y,
+                    algorithm.rates(self.inner_lr, learned, algorithm.adapted(params)),
+                    steps,
+                    first_order=True,
+                    adapt=algorithm.adapted(params),
+                )
+        finally:
+            self.net.train(training)
+        calibrated = deepcopy(self.net)
+        with torch.no_grad():
+            for name, p in calibrated.named_parameters():
+                if name in adapted:
+                    p.copy_(adapted[name].detach())
+        for module in calibrated.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.track_running_stats = False
+                module.running_mean = module.running_var = module.num_batches_tracked = None
+        return calibrated.eval()
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        """The query predictions of every episode of ``batch`` (``[tasks, queries, ...]``, the
+        network's outputs) after adapting on its support set with ``eval_inner_steps`` steps, as
+        in validation and test: ``trainer.predict(module, dataloaders=episodes)``."""
+        with torch.inference_mode(False), torch.enable_grad():
+            episode = Episode(*(t.clone() if t.is_inference() else t for t in as_episode(batch)))
+            out = self.meta_forward(episode, self.eval_inner_steps, train=False)
+        return out.query_predictions
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._evaluate(batch, "val")

@@ -167,3 +167,21 @@ def test_threads_are_set_before_the_run_from_the_flag_or_config(tmp_path, given,
         torch.set_num_threads(before)
     with pytest.raises(SystemExit):  # jsonargparse names the key and the value it refuses
         build_cli(["fit", "--config", str(path), "--threads=0"])
+
+
+def test_predict_from_a_checkpoint_writes_each_episodes_adapted_query_predictions(tmp_path):
+    path = _tiny_config(tmp_path)
+    build_cli(["fit", "--config", str(path)])
+    ckpt = next(tmp_path.glob("sinusoid/version_*/checkpoints/*.ckpt"))
+    writer = [
+        "--trainer.callbacks+=lightning_maml.callbacks.PredictionWriter",
+        f"--trainer.callbacks.output_dir={tmp_path / 'predictions'}",
+    ]
+    cli = build_cli(["predict", "--config", str(path), *writer, "--ckpt_path", str(ckpt)])
+    saved = torch.load(tmp_path / "predictions" / "predictions.pt")["predictions"]
+    assert [p.shape for p in saved] == [(4, 10, 1), (4, 10, 1)]  # the 8 test tasks in batches of 4
+    module = type(cli.model).load_from_checkpoint(ckpt, net=cli.model.net)
+    module.eval()
+    batch = next(iter(cli.datamodule.test_dataloader()))
+    expected = module.meta_forward(batch, module.eval_inner_steps, train=False)
+    torch.testing.assert_close(saved[0], expected.query_predictions)

@@ -267,6 +267,10 @@ class EpisodicDataModule(pl.LightningDataModule):
             trainer_fn=lambda: self.trainer,
         )
 
+    def predict_dataloader(self) -> DataLoader:
+        """The test split's episodes, for ``trainer.predict`` (``lightning-maml predict``)."""
+        return self.test_dataloader()
+
     def _fixed_loader(self, split: str, num_workers: int = 0) -> DataLoader:
         return DataLoader(
             self.episodes(split), batch_size=self.meta_batch_size, num_workers=num_workers

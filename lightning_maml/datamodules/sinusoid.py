@@ -241,6 +241,10 @@ class SinusoidDataModule(pl.LightningDataModule):
             trainer_fn=lambda: self.trainer,
         )
 
+    def predict_dataloader(self) -> DataLoader:
+        """The test split's episodes, for ``trainer.predict`` (``lightning-maml predict``)."""
+        return self.test_dataloader()
+
     def _fixed_loader(self, split: str) -> DataLoader:
         return DataLoader(TaskSet(self.fixed_tasks(split)), batch_size=self.meta_batch_size)
 

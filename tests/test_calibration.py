@@ -1,0 +1,120 @@
+"""Calibrating a new task: MAMLModule.adapt and trainer.predict against plain SGD and the engine."""
+
+import copy
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from tasks import quiet_trainer, regression_tasks, tanh_mlp
+from torch.utils.data import DataLoader
+
+from lightning_maml import Episode, MAMLModule
+from lightning_maml.datamodules.sinusoid import TaskSet
+from lightning_maml.functional import ANIL, MAMLPlusPlus, MetaSGD
+from lightning_maml.models import EEGNet
+
+
+def _plain_sgd(net, x, y, rates, steps, loss=F.mse_loss, adapt=None):
+    """A copy of ``net`` after ``steps`` of p -= rate * grad on (x, y), written without the engine;
+    ``rates(name, step)`` gives a parameter's step size, ``adapt`` the names that move."""
+    net = copy.deepcopy(net)
+    params = dict(net.named_parameters())
+    names = [n for n in params if adapt is None or n in adapt]
+    for step in range(steps):
+        grads = torch.autograd.grad(loss(net(x), y), [params[n] for n in names])
+        with torch.no_grad():
+            for n, g in zip(names, grads):
+                params[n] -= rates(n, step) * g
+    return net
+
+
+def _task():
+    sx, sy, qx, _ = regression_tasks(n_tasks=1, k=10, q=7)
+    return sx[0], sy[0], qx[0]
+
+
+def test_adapt_equals_plain_sgd_on_a_copy_and_leaves_the_module_unchanged():
+    module = MAMLModule(tanh_mlp().double(), inner_lr=0.3, eval_inner_steps=4)
+    before = [p.detach().clone() for p in module.parameters()]
+    sx, sy, qx = _task()
+    calibrated = module.adapt(sx, sy)
+    reference = _plain_sgd(module.net, sx, sy, lambda n, s: 0.3, 4)
+    torch.testing.assert_close(calibrated(qx), reference(qx), rtol=1e-12, atol=1e-12)
+    assert not calibrated.training and all(p.grad_fn is None for p in calibrated.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, module.parameters()))
+    assert not any(p.grad is not None for p in module.parameters())
+    two_steps = _plain_sgd(module.net, sx, sy, lambda n, s: 0.3, 2)
+    torch.testing.assert_close(module.adapt(sx, sy, steps=2)(qx), two_steps(qx))
+
+
+def test_adapt_uses_meta_sgds_learned_step_sizes():
+    module = MAMLModule(tanh_mlp().double(), inner_lr=0.3, eval_inner_steps=3, algorithm=MetaSGD())
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # learned rates as after meta-training: one per weight, all different
+        for lr in module.algorithm.lrs:
+            lr.copy_(torch.rand(lr.shape, generator=g, dtype=lr.dtype) * 0.5)
+    rates = dict(zip(dict(module.net.named_parameters()), module.algorithm.lrs))
+    sx, sy, qx = _task()
+    reference = _plain_sgd(module.net, sx, sy, lambda n, s: rates[n].detach(), 3)
+    torch.testing.assert_close(module.adapt(sx, sy)(qx), reference(qx))
+
+
+def test_adapt_uses_maml_plus_plus_rates_per_step_and_anil_moves_its_head_only():
+    module = MAMLModule(
+        tanh_mlp().double(), inner_lr=0.3, inner_steps=2, eval_inner_steps=3,
+        algorithm=MAMLPlusPlus(),
+    )  # fmt: skip
+    with torch.no_grad():
+        for i, lslr in enumerate(module.algorithm.lslr):
+            lslr.copy_(torch.tensor([0.1 + 0.01 * i, 0.2 + 0.01 * i]))
+    rates = dict(zip(dict(module.net.named_parameters()), module.algorithm.lslr))
+    sx, sy, qx = _task()
+    # past the trained steps the last step's rate is reused
+    reference = _plain_sgd(module.net, sx, sy, lambda n, s: rates[n][min(s, 1)].detach(), 3)
+    torch.testing.assert_close(module.adapt(sx, sy)(qx), reference(qx))
+    anil = MAMLModule(tanh_mlp().double(), inner_lr=0.3, eval_inner_steps=3, algorithm=ANIL())
+    calibrated = anil.adapt(sx, sy)
+    reference = _plain_sgd(anil.net, sx, sy, lambda n, s: 0.3, 3, adapt=["4.weight", "4.bias"])
+    torch.testing.assert_close(calibrated(qx), reference(qx))
+    assert torch.equal(calibrated[0].weight, anil.net[0].weight)
+
+
+def _eeg_episodes(n_tasks=6):
+    g = torch.Generator().manual_seed(0)
+    sx, qx = (
+        torch.randn(n_tasks, 6, 3, 32, generator=g),
+        torch.randn(n_tasks, 8, 3, 32, generator=g),
+    )
+    sy = torch.tensor([0, 0, 0, 1, 1, 1]).expand(n_tasks, -1).contiguous()
+    qy = torch.tensor([0, 1] * 4).expand(n_tasks, -1).contiguous()
+    return Episode(sx, sy, qx, qy)
+
+
+def test_predict_returns_each_episodes_adapted_query_predictions_batch_norm_included():
+    pl.seed_everything(0)
+    net = EEGNet(3, 32, 2, sampling_rate=16)  # BatchNorm and dropout layers
+    module = MAMLModule(net, loss="cross_entropy", inner_lr=0.1, eval_inner_steps=3)
+    episodes = _eeg_episodes()
+    predictions = quiet_trainer().predict(module, DataLoader(TaskSet(episodes), batch_size=4))
+    assert [p.shape for p in predictions] == [(4, 8, 2), (2, 8, 2)]
+    predicted = torch.cat(predictions)
+    module.eval()  # as under trainer.predict: no dropout
+    engine = module.meta_forward(episodes, 3, train=False).query_predictions
+    torch.testing.assert_close(predicted, engine)
+    for t in range(len(episodes.support_x)):  # the same network as adapt() gives, task by task
+        calibrated = module.adapt(episodes.support_x[t], episodes.support_y[t])
+        with torch.no_grad():
+            torch.testing.assert_close(calibrated(episodes.query_x[t]), predicted[t])
+    assert all(p.grad is None for p in module.parameters())
+
+
+def test_adapt_refuses_data_that_is_not_one_tasks():
+    module = MAMLModule(tanh_mlp())
+    x = torch.randn(5, 1)
+    with pytest.raises(
+        ValueError, match="`support_x` has 5 examples per task but `support_y` has 4"
+    ):
+        module.adapt(x, x[:4])
+    with pytest.raises(ValueError, match="`steps` must be an integer >= 0, got -1"):
+        module.adapt(x, x, steps=-1)
