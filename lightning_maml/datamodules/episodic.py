@@ -3,7 +3,7 @@ trials held in memory as one tensor, or any map-style ``Dataset`` read sample by
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -47,6 +47,8 @@ class EpisodicDataset(Dataset):
         input_key: where a sample of a ``Dataset`` holds its input: a key of a mapping sample
             (``{"image": ..., "label": ...}``) or an index of a tuple; default: the first item of
             a tuple or list, else the sample itself.
+        transform: a function ``Episode -> Episode`` applied to every episode drawn (e.g.
+            :class:`~lightning_maml.datamodules.alignment.SupportAlignment`).
 
     Raises:
         ValueError: on counts below 1, mismatched lengths, an unknown task, or a task with fewer
@@ -77,6 +79,7 @@ class EpisodicDataset(Dataset):
         relabel: bool = True,
         seed: int = 0,
         input_key: Any = None,
+        transform: Callable[[Episode], Episode] | None = None,
     ) -> None:
         for name, value in (
             ("n_way", n_way),
@@ -99,7 +102,7 @@ class EpisodicDataset(Dataset):
         self.x, self.y = x, y
         self.n_way, self.k_shot, self.query_size = n_way, k_shot, query_size
         self.num_episodes, self.relabel, self.seed = num_episodes, relabel, seed
-        self.input_key = input_key
+        self.input_key, self.transform = input_key, transform
         self.epoch = 0
         present = sorted(set(task_ids.tolist()))
         self.tasks = list(present if tasks is None else tasks)
@@ -149,12 +152,13 @@ class EpisodicDataset(Dataset):
             query_y += [label] * self.query_size
         support_idx = torch.as_tensor(np.concatenate(support))
         query_idx = torch.as_tensor(np.concatenate(query))
-        return Episode(
+        episode = Episode(
             self._read(support_idx),
             torch.tensor(support_y),
             self._read(query_idx),
             torch.tensor(query_y),
         )
+        return episode if self.transform is None else self.transform(episode)
 
     def _read(self, indices: Tensor) -> Tensor:
         if isinstance(self.x, Tensor):

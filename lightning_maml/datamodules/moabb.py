@@ -11,12 +11,13 @@ import warnings
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from lightning_maml.datamodules.alignment import SupportAlignment, align, alignment_matrix
 from lightning_maml.datamodules.episodic import EpisodicDataModule, EpisodicDataset
 
 
@@ -42,6 +43,9 @@ def _describe(obj: Any) -> str:
     state = {k: repr(v) for k, v in sorted(vars(obj).items()) if not k.startswith("_")}
     return json.dumps([type(obj).__module__, type(obj).__qualname__, state], sort_keys=True)
 
+
+#: the ``alignment`` settings of :class:`MOABBDataModule`
+ALIGNMENTS: tuple[str, ...] = ("none", "euclidean", "euclidean-transductive")
 
 # bump when what a cache file holds changes meaning
 _CACHE_FORMAT = 2
@@ -187,6 +191,14 @@ class MOABBDataModule(EpisodicDataModule):
         standardize: ``"subject"`` (default: each channel to zero mean and unit variance over all
             of a subject's trials), ``"trial"`` (over each trial's own samples: no statistics
             shared between trials, so held-out query trials inform nothing else) or ``"none"``.
+        alignment: ``"none"`` (default); ``"euclidean"``: Euclidean alignment (He & Wu 2019,
+            :mod:`~lightning_maml.datamodules.alignment`, after ``standardize``), each training
+            subject by the mean covariance of its own trials, and each episode of a validation or
+            test subject by that of the episode's support trials alone (a new subject is
+            calibrated from its labelled trials; its query trials inform nothing);
+            ``"euclidean-transductive"``: validation and test subjects too by all of their own
+            trials (their unlabelled query trials included: transductive, say so wherever it is
+            reported).
         cache_dir: where preprocessed arrays go (default ``<MNE data folder>/lightning_maml``).
         seed: seed of the split and the episodes.
         num_workers: DataLoader worker processes.
@@ -234,6 +246,7 @@ class MOABBDataModule(EpisodicDataModule):
         num_eval_episodes: int = 100,
         relabel: bool = False,
         standardize: str = "subject",
+        alignment: Literal["none", "euclidean", "euclidean-transductive"] = "none",
         cache_dir: str | None = "default",
         seed: int = 0,
         num_workers: int = 0,
@@ -269,6 +282,9 @@ class MOABBDataModule(EpisodicDataModule):
             train_subjects, val_subjects, test_subjects, val_fraction, test_fraction, seed
         )
         self.standardize = standardize
+        if alignment not in ALIGNMENTS:
+            raise ValueError(f"`alignment` must be one of {ALIGNMENTS}, got {alignment!r}")
+        self.alignment = alignment
         self.relabel = relabel
         if cache_dir == "default":
             cache_dir = str(Path(mne_data_folder()) / "lightning_maml")
@@ -378,7 +394,10 @@ class MOABBDataModule(EpisodicDataModule):
                     mean = x.mean(axis=axes, keepdims=True)
                     std = x.std(axis=axes, keepdims=True) + 1e-8
                     x = (x - mean) / std
-                xs.append(torch.as_tensor(x))
+                x = torch.as_tensor(x)
+                if self._aligns_whole_subject(split):
+                    x = align(x, alignment_matrix(x))
+                xs.append(x)
                 ys.append(torch.as_tensor([index[c] for c in y]))
                 ids.append(np.full(len(y), s))
             if xs:
@@ -406,7 +425,20 @@ class MOABBDataModule(EpisodicDataModule):
             num_episodes or self.num_eval_episodes,
             relabel=self.relabel,
             seed=self.seed * 3 + offset if seed is None else seed,
+            transform=self._episode_transform(split),
         )
+
+    def _aligns_whole_subject(self, split: str) -> bool:
+        # by all of a subject's trials: training subjects, and all subjects when transductive
+        return self.alignment == "euclidean-transductive" or (
+            self.alignment == "euclidean" and split == "train"
+        )
+
+    def _episode_transform(self, split: str) -> SupportAlignment | None:
+        # a held-out subject's episode, by its support trials alone
+        if self.alignment == "euclidean" and split != "train":
+            return SupportAlignment()
+        return None
 
     def val_dataloader(self) -> DataLoader:
         return self._fixed_loader("val")

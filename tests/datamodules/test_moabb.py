@@ -389,3 +389,68 @@ def test_cache_files_get_the_umasks_permissions(tmp_path, umask, mode):
     finally:
         os.umask(old)
     assert (tmp_path / "subject.npz").stat().st_mode & 0o777 == mode
+
+
+def _numpy_alignment(trials):
+    # R^{-1/2} of the mean spatial covariance, written directly in numpy
+    covariance = np.mean([t @ t.T / t.shape[1] for t in trials.astype(np.float64)], axis=0)
+    values, vectors = np.linalg.eigh(covariance)
+    return vectors @ np.diag(values**-0.5) @ vectors.T
+
+
+def test_alignment_matrix_equals_a_direct_numpy_computation():
+    from lightning_maml.datamodules.alignment import alignment_matrix
+
+    trials = np.random.default_rng(0).standard_normal((7, 5, 60)) * np.arange(1, 6)[:, None]
+    np.testing.assert_allclose(alignment_matrix(trials).numpy(), _numpy_alignment(trials), 1e-10)
+
+
+def test_euclidean_alignment_of_training_subjects_and_of_held_out_episodes_by_support_alone(
+    tmp_path,
+):
+    plain = _module(tmp_path, standardize="trial")
+    plain.prepare_data()
+    plain.setup("fit")
+    aligned = _module(tmp_path, standardize="trial", alignment="euclidean")
+    aligned.setup("fit")
+    # a training subject: by all of its own (standardised) trials
+    x, _, ids = plain.data["train"]
+    subject = x[torch.as_tensor(ids == 1)].numpy()
+    expected = _numpy_alignment(subject) @ subject.astype(np.float64)
+    got = aligned.data["train"][0][torch.as_tensor(ids == 1)].numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    # a held-out subject's episode: by its support trials alone
+    raw, aligned_episode = plain.episodes("test")[3], aligned.episodes("test")[3]
+    matrix = _numpy_alignment(raw.support_x.numpy())
+    for field in ("support_x", "query_x"):
+        expected = matrix @ getattr(raw, field).numpy().astype(np.float64)
+        np.testing.assert_allclose(getattr(aligned_episode, field).numpy(), expected, 1e-4, 1e-5)
+
+
+def test_no_query_trial_of_a_held_out_subject_reaches_anything_fitted(tmp_path):
+    plain = _module(tmp_path, standardize="trial")
+    plain.prepare_data()
+    plain.setup("fit")
+    support = {tuple(t.flatten()[:8].tolist()) for t in plain.episodes("test")[0].support_x}
+
+    def first_episode(poison, alignment="euclidean"):
+        dm = _module(tmp_path, standardize="trial", alignment=alignment)
+        dm.setup("fit")
+        if poison:  # every trial of the held-out subject outside the episode's support set
+            x = dm.data["test"][0]
+            for i in range(len(x)):
+                if tuple(x[i].flatten()[:8].tolist()) not in support:
+                    x[i] = 1e3 * torch.randn_like(x[i])
+        return dm.episodes("test")[0]
+
+    clean, poisoned = first_episode(poison=False), first_episode(poison=True)
+    torch.testing.assert_close(poisoned.support_x, clean.support_x)  # as aligned: unchanged
+    assert not torch.allclose(poisoned.query_x, clean.query_x)  # the query trials were poisoned
+    # the transductive variant does use them
+    transductive = first_episode(poison=False, alignment="euclidean-transductive")
+    assert not torch.allclose(transductive.support_x, clean.support_x)
+
+
+def test_an_unknown_alignment_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="`alignment` must be one of .*'euclidean'.*got 'ea'"):
+        _module(tmp_path, alignment="ea")
