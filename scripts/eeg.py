@@ -1,27 +1,43 @@
-"""Few-shot motor imagery on real EEG: leave-one-subject-out over PhysioNet subjects.
+"""Few-shot calibration of new EEG subjects: PhysioNet motor imagery, the MAML family against the
+field's pipelines, hyper-parameters chosen on subjects apart from those scored.
 
-PhysioNet EEG Motor Movement/Imagery (MOABB's ``PhysionetMI``), imagined left vs right fist (run 4;
-``--with-executed`` adds the executed run 3), cut by MOABB's ``LeftRightImagery`` (8-30 Hz, 3 s,
-resampled to 80 Hz: 64 channels x 240 samples) and loaded through ``MOABBDataModule``. Each fold
-holds one subject out: the networks are meta-trained (or trained) on the other subjects, then
-every method is given the same K labelled trials per class of the held-out subject (the support
-set) and scored on the rest of that subject's trials (the query set, never in a support set):
+Data: PhysioNet EEG Motor Movement/Imagery (MOABB's ``PhysionetMI``), imagined left vs right fist
+(runs 4, 8, 12: 45 trials per subject), cut by MOABB's ``LeftRightImagery`` (8-30 Hz, 0-3 s,
+resampled to 80 Hz: 64 channels x 240 samples), loaded through ``MOABBDataModule`` (networks: each
+trial standardised on its own) and ``load_subject`` (classical pipelines: the band-passed trials).
 
-- MAML / first-order MAML: EEGNet-8,2 meta-trained on episodes of the training subjects, adapted
-  with ``--eval-steps`` SGD steps of size ``--inner-lr`` on the support set;
-- joint: the same network trained on the same episodes without an inner loop (``MAMLModule`` with
-  ``inner_steps=0``), fine-tuned exactly like MAML;
-- scratch: a fresh EEGNet trained on the support set alone (``--scratch-steps`` steps);
-- CSP+LDA zero-shot: MNE's CSP (4 components, Ledoit-Wolf) and scikit-learn's LDA fitted on the
-  training subjects' trials; CSP+LDA + K: refitted with the support trials added.
+A *fold* scores one test subject: the networks are (meta-)trained on the fold's training subjects,
+then every method is given the same K labelled trials per class of the test subject (the support
+set) and scored on the rest of that subject's trials (the query set): never in a support set, an
+alignment estimate or a fit, except where a method is labelled *transductive*. Methods:
 
-Every method sees the same folds and episodes. Hyper-parameters are fixed in advance (the defaults
-below), chosen on no subject's results. Reports accuracy per K: the mean over folds and episodes
-with a 95% interval over the pooled episodes, and the mean of the per-fold means with a t interval
-over folds; and MAML's per-fold difference to each method with its t interval. Writes a figure,
-JSON and a Markdown table.
+- ``maml``, ``fomaml``, ``anil``, ``metasgd``: EEGNet-8,2 meta-trained on episodes of the training
+  subjects with ``MAMLModule``, adapted on the support set with its own inner rule (Meta-SGD with
+  its learned step sizes) for ``eval_steps`` steps (``MAMLModule.adapt``'s computation);
+- ``joint``: the same network trained on the same episodes without an inner loop, fine-tuned like
+  MAML; ``scratch``: a new EEGNet trained on the support set alone;
+- ``csp-lda``: MNE's CSP (4 components, Ledoit-Wolf) + LDA on the training subjects (zero-shot),
+  and refitted with the support trials added (+ K);
+- ``ts-lr``: covariances (OAS), each subject recentred to the identity by its own Riemannian mean,
+  tangent space + logistic regression (pyriemann, scikit-learn). Zero-shot: the test subject not
+  recentred; zero-shot transductive: recentred by all of its unlabelled trials (the query trials
+  included); + K: recentred by its support trials and refitted with them added.
 
-    python scripts/eeg.py --mne-data ../shared/data/mne_data   # the five subjects, offline
+Network methods can align the trials (``alignment``: Euclidean alignment, training subjects by their
+own trials, a test subject's episode by its support trials alone).
+
+Hyper-parameters: with ``--selection-subjects`` (default 1-9), every candidate of the grid (each
+network method's ``alignment`` and ``eval_steps``) is scored leave-one-subject-out *within* those
+subjects (each fold training on the other selection subjects), the best candidate of each method
+by its mean accuracy at the largest two K is kept, and so is the best MAML-family method; the table
+is then computed on ``--test-subjects`` (default 10-19), each fold training on every other
+subject of ``--subjects``, with the chosen settings. ``--train-subjects`` trains once on those
+subjects instead and calibrates each test subject (a lab's own subjects, new users).
+
+Results are stored per fold, keyed by a hash of everything that shapes them: a killed run continues
+from the folds already finished, and changed settings never mix with old results.
+
+    python scripts/eeg.py --mne-data ../shared/data/mne_data
 
 ``--mne-data`` points MNE (``MNE_DATA``, ``MNE_DATASETS_EEGBCI_PATH``) at a folder holding the
 recordings and skips MOABB's mirror (``MOABB_DOWNLOAD_PROVIDER=upstream``); without it, MNE's
@@ -31,35 +47,56 @@ configured folder is used and missing recordings are downloaded.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import time
 from pathlib import Path
 
+FAMILY = ("maml", "fomaml", "anil", "metasgd")
+NETWORKS = (*FAMILY, "joint", "scratch")
+CLASSICAL = ("csp-lda", "ts-lr")
 
-def parse_args() -> argparse.Namespace:
+
+def _subjects(text: str) -> list[int]:
+    """``"1-9,12"`` -> ``[1, ..., 9, 12]``."""
+    out: list[int] = []
+    for part in filter(None, text.split(",")):
+        low, _, high = part.partition("-")
+        out += list(range(int(low), int(high or low) + 1))
+    return out
+
+
+def _values(text: str, kind: type) -> list:
+    return [kind(v) for v in text.split(",") if v]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mne-data", help="MNE data folder holding the PhysioNet recordings")
-    parser.add_argument("--subjects", default="1,2,3,4,5", help="PhysioNet subjects")
-    parser.add_argument("--folds", default=None, help="held-out subjects to run (default: all)")
-    parser.add_argument("--with-executed", action="store_true", help="add the executed run 3")
-    parser.add_argument("--k-shots", default=None, help="trials per class (default 1,3,5)")
-    parser.add_argument("--train-k-shot", type=int, default=3, help="support per class, training")
-    parser.add_argument("--train-query", type=int, default=4, help="query per class, training")
-    parser.add_argument("--algorithms", default="maml,fomaml", help="MAML-family algorithms")
-    parser.add_argument("--meta-steps", type=int, default=200)
-    parser.add_argument("--meta-batch-size", type=int, default=4)
-    parser.add_argument("--meta-lr", type=float, default=3e-3)
-    parser.add_argument("--inner-lr", type=float, default=0.1)
-    parser.add_argument("--inner-steps", type=int, default=1, help="inner steps, meta-training")
-    parser.add_argument("--eval-steps", type=int, default=10, help="adaptation steps, test")
-    parser.add_argument("--scratch-steps", type=int, default=100)
-    parser.add_argument("--scratch-lr", type=float, default=0.1)
-    parser.add_argument("--episodes", type=int, default=20, help="test episodes per fold and K")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="outputs/eeg")
-    parser.add_argument("--no-progress-bar", action="store_true")
-    parser.add_argument(
+    add = parser.add_argument
+    add("--mne-data", help="MNE data folder holding the PhysioNet recordings")
+    add("--subjects", default="1-19", help="every subject a fold may train on (default 1-19)")
+    add("--test-subjects", default="10-19", help="subjects scored in the table")
+    add("--selection-subjects", default="1-9", help="subjects hyper-parameters are chosen on")
+    add("--train-subjects", default=None, help="train once on these instead of on all others")
+    add("--methods", default=",".join(NETWORKS + CLASSICAL))
+    add("--k-shots", default="1,5,10", help="labelled trials per class of a test subject")
+    add("--episodes", type=int, default=10, help="episodes per test subject and K")
+    add("--alignment", default="none,euclidean", help="candidates: none, euclidean")
+    add("--eval-steps", default="10,25", help="candidates: adaptation steps on the support set")
+    add("--meta-steps", type=int, default=200)
+    add("--meta-batch-size", type=int, default=4)
+    add("--meta-lr", type=float, default=3e-3)
+    add("--inner-lr", type=float, default=0.1)
+    add("--inner-steps", type=int, default=1, help="inner steps in meta-training")
+    add("--train-k-shot", type=int, default=3, help="support trials per class, meta-training")
+    add("--train-query", type=int, default=4, help="query trials per class, meta-training")
+    add("--scratch-steps", type=int, default=100)
+    add("--scratch-lr", type=float, default=0.1)
+    add("--seed", type=int, default=0)
+    add("--out", default="outputs/eeg")
+    add("--no-progress-bar", action="store_true")
+    add(
         "--threads",
         type=int,
         default=1,
@@ -67,21 +104,37 @@ def parse_args() -> argparse.Namespace:
         "EEGNet runs about 1.5x faster with 2 on 2 cores, and 11x slower when another process "
         "shares them)",
     )
-    args = parser.parse_args()
-    args.subjects = [int(s) for s in args.subjects.split(",")]
-    args.folds = args.subjects if args.folds is None else [int(s) for s in args.folds.split(",")]
-    default_k = "1,3,5,10" if args.with_executed else "1,3,5"
-    args.k_shots = [int(k) for k in (args.k_shots or default_k).split(",")]
-    args.algorithms = args.algorithms.split(",")
-    if len(args.subjects) < 2:
-        parser.error(f"--subjects needs at least 2 subjects, got {args.subjects}")
-    if not set(args.folds) <= set(args.subjects):
-        parser.error(f"--folds {args.folds} must be among --subjects {args.subjects}")
-    for name in ("meta_steps", "episodes", "eval_steps", "scratch_steps", "train_k_shot"):
+    args = parser.parse_args(argv)
+    args.subjects = _subjects(args.subjects)
+    args.test_subjects = _subjects(args.test_subjects)
+    args.selection_subjects = _subjects(args.selection_subjects)
+    if args.train_subjects is not None:
+        args.train_subjects = _subjects(args.train_subjects)
+    args.methods = _values(args.methods, str)
+    args.k_shots = _values(args.k_shots, int)
+    args.alignment = _values(args.alignment, str)
+    args.eval_steps = _values(args.eval_steps, int)
+    unknown = sorted(set(args.methods) - set(NETWORKS + CLASSICAL))
+    if unknown:
+        parser.error(f"--methods {unknown} unknown; methods: {', '.join(NETWORKS + CLASSICAL)}")
+    if not set(args.alignment) <= {"none", "euclidean"} or not args.alignment:
+        parser.error(f"--alignment takes none and/or euclidean, got {args.alignment}")
+    for name in ("meta_steps", "episodes", "scratch_steps", "train_k_shot", "meta_batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if min(args.k_shots) < 1:
-        parser.error(f"--k-shots must be >= 1, got {args.k_shots}")
+    if not args.k_shots or min(args.k_shots) < 1 or not args.eval_steps or min(args.eval_steps) < 0:
+        parser.error("--k-shots must be >= 1 and --eval-steps >= 0")
+    everyone = set(args.subjects)
+    for name in ("test_subjects", "selection_subjects", "train_subjects"):
+        given = getattr(args, name) or []
+        if not set(given) <= everyone:
+            parser.error(f"--{name.replace('_', '-')} {given} must be among --subjects")
+    if set(args.test_subjects) & set(args.selection_subjects):
+        parser.error("--test-subjects and --selection-subjects must not share a subject")
+    if args.train_subjects and set(args.train_subjects) & set(args.test_subjects):
+        parser.error("--train-subjects and --test-subjects must not share a subject")
+    if len(args.selection_subjects) == 1:
+        parser.error("--selection-subjects needs at least 2 subjects (or none: fixed settings)")
     if args.mne_data is not None:
         folder = Path(args.mne_data).resolve()
         if not folder.is_dir():
@@ -99,85 +152,83 @@ import mne  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from benchtools import (  # noqa: E402
-    adapted_accuracies,
     cpu_trainer,
     markdown_table,
-    mean_and_ci95,
     plot_accuracy_vs_k,
     quiet_lightning_info,
 )
 from mne.decoding import CSP  # noqa: E402
 from moabb.datasets import PhysionetMI  # noqa: E402
 from moabb.paradigms import LeftRightImagery  # noqa: E402
+from pyriemann.estimation import Covariances  # noqa: E402
+from pyriemann.geometry.base import invsqrtm  # noqa: E402
+from pyriemann.geometry.mean import mean_riemann  # noqa: E402
+from pyriemann.tangentspace import TangentSpace  # noqa: E402
 from scipy import stats  # noqa: E402
 from sklearn.discriminant_analysis import LinearDiscriminantAnalysis  # noqa: E402
+from sklearn.linear_model import LogisticRegression  # noqa: E402
 from sklearn.pipeline import make_pipeline  # noqa: E402
-from torch import nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from lightning_maml import Episode, MAMLModule  # noqa: E402
 from lightning_maml.datamodules import MOABBDataModule  # noqa: E402
+from lightning_maml.datamodules.alignment import SupportAlignment  # noqa: E402
+from lightning_maml.functional import meta_loss  # noqa: E402
 from lightning_maml.models import EEGNet  # noqa: E402
 
-NAMES = {"maml": "MAML", "fomaml": "first-order MAML", "reptile": "Reptile", "anil": "ANIL"}
-NAMES.update({"metasgd": "Meta-SGD", "maml++": "MAML++"})
-BASELINES = ["joint", "scratch", "CSP+LDA zero-shot", "CSP+LDA + K"]
+#: bump when what a stored fold holds changes meaning
+RESULTS_FORMAT = 1
+NAMES = {
+    "maml": "MAML",
+    "fomaml": "first-order MAML",
+    "anil": "ANIL",
+    "metasgd": "Meta-SGD",
+    "joint": "joint + fine-tuning",
+    "scratch": "scratch",
+}
+CLASSICAL_ROWS = {
+    "csp-lda": ["CSP+LDA zero-shot", "CSP+LDA + K"],
+    "ts-lr": ["TS+LR zero-shot", "TS+LR zero-shot (transductive)", "TS+LR + K"],
+}
 
 
-def make_data(test_subject: int, args: argparse.Namespace) -> MOABBDataModule:
-    """The fold's data: the other subjects meta-train, ``test_subject`` is held out."""
-    dataset = PhysionetMI(imagined=True, executed=args.with_executed)
-    runs = [4, 3] if args.with_executed else [4]
-    return MOABBDataModule(
-        dataset,
+# ---- data -----------------------------------------------------------------------------------
+
+
+def make_data(
+    train: list[int], test: list[int], alignment: str, args: argparse.Namespace
+) -> MOABBDataModule:
+    data = MOABBDataModule(
+        PhysionetMI(imagined=True, executed=False),
         LeftRightImagery(fmin=8, fmax=30, resample=80),
-        train_subjects=[s for s in args.subjects if s != test_subject],
+        train_subjects=train,
         val_subjects=[],
-        test_subjects=[test_subject],
+        test_subjects=test,
         n_way=2,
         k_shot=args.train_k_shot,
         query_size=args.train_query,
         meta_batch_size=args.meta_batch_size,
         episodes_per_epoch=50 * args.meta_batch_size,
         standardize="trial",
+        alignment=alignment,
         cache_dir=str(Path(args.out) / "cache"),
         seed=args.seed,
-        dataset_attributes={"hand_runs": runs, "feet_runs": []},
+        dataset_attributes={"hand_runs": [4, 8, 12], "feet_runs": []},
     )
+    data.prepare_data()
+    data.setup("fit")
+    return data
 
 
-def make_net(data: MOABBDataModule) -> nn.Module:
-    x = data.data["train"][0]
-    return EEGNet(x.shape[1], x.shape[2], len(data.classes), sampling_rate=80)
-
-
-def train(data: MOABBDataModule, algorithm: str | None, args: argparse.Namespace) -> nn.Module:
-    """Meta-train with ``algorithm``, or jointly train (``None``: no inner loop), EEGNet."""
-    pl.seed_everything(args.seed, verbose=False)
-    net = make_net(data)
-    module = MAMLModule(
-        net,
-        loss="cross_entropy",
-        inner_lr=args.inner_lr,
-        inner_steps=0 if algorithm is None else args.inner_steps,
-        algorithm=algorithm or "maml",
-        meta_lr=args.meta_lr,
-    )
-    batches_per_epoch = -(-data.episodes_per_epoch // data.meta_batch_size)
-    trainer = cpu_trainer(args.meta_steps, batches_per_epoch, progress_bar=not args.no_progress_bar)
-    trainer.fit(module, data)
-    return net.eval()
-
-
-def held_out_episodes(y: np.ndarray, k: int, fold: int, args: argparse.Namespace) -> list[tuple]:
-    """``--episodes`` splits of a subject's trials: per class ``k`` support trials and, as the
-    query set, ``q`` others (``q`` = the smallest class's count minus ``k``, the same for every
-    episode). Seeded by (seed, fold, k): every method sees the same episodes."""
+def held_out_episodes(y: np.ndarray, k: int, subject: int, args) -> list[tuple]:
+    """``--episodes`` splits of a test subject's trials: per class ``k`` support trials and, as
+    the query set, ``q`` others (``q`` = the smallest class's count minus ``k``, the same in every
+    episode). Seeded by (seed, subject, k): every method sees the same episodes."""
     classes = sorted(set(y.tolist()))
     q = min(int((y == c).sum()) for c in classes) - k
     if q < 1:
-        raise ValueError(f"K={k} leaves no query trial (classes of {q + k} trials)")
-    rng = np.random.default_rng([args.seed, fold, k])
+        raise ValueError(f"K={k} leaves no query trial for subject {subject} ({q + k} per class)")
+    rng = np.random.default_rng([args.seed, subject, k])
     episodes = []
     for _ in range(args.episodes):
         support, query = [], []
@@ -189,14 +240,67 @@ def held_out_episodes(y: np.ndarray, k: int, fold: int, args: argparse.Namespace
     return episodes
 
 
-def episode_batch(x: torch.Tensor, y: torch.Tensor, episodes: list[tuple]) -> Episode:
-    """The held-out episodes (support and query trial indices) as one batch."""
-    return Episode(
-        torch.stack([x[s] for s, _ in episodes]),
-        torch.stack([y[s] for s, _ in episodes]),
-        torch.stack([x[q] for _, q in episodes]),
-        torch.stack([y[q] for _, q in episodes]),
+def episode_batch(x: torch.Tensor, y: torch.Tensor, episodes: list[tuple], align: bool) -> Episode:
+    """The episodes as one batch; with ``align``, each aligned by its own support trials."""
+    parts = [Episode(x[s], y[s], x[q], y[q]) for s, q in episodes]
+    if align:
+        parts = [SupportAlignment()(p) for p in parts]
+    return Episode(*(torch.stack(field) for field in zip(*parts)))
+
+
+# ---- networks -------------------------------------------------------------------------------
+
+
+def train_network(data: MOABBDataModule, method: str, args: argparse.Namespace) -> MAMLModule:
+    """Meta-train (or, ``joint``, train without an inner loop) EEGNet on the training subjects."""
+    pl.seed_everything(args.seed, verbose=False)
+    x = data.data["train"][0]
+    net = EEGNet(x.shape[1], x.shape[2], len(data.classes), sampling_rate=80)
+    module = MAMLModule(
+        net,
+        loss="cross_entropy",
+        inner_lr=args.inner_lr,
+        inner_steps=0 if method == "joint" else args.inner_steps,
+        algorithm="maml" if method == "joint" else method,
+        meta_lr=args.meta_lr,
     )
+    batches_per_epoch = -(-data.episodes_per_epoch // data.meta_batch_size)
+    trainer = cpu_trainer(args.meta_steps, batches_per_epoch, progress_bar=False)
+    trainer.fit(module, data)
+    return module.eval()
+
+
+def adapted_accuracies(
+    module: MAMLModule, batch: Episode, steps: int, lr: float | None = None, chunk: int = 5
+) -> list[float]:
+    """Query accuracy per episode after ``steps`` steps of the module's own inner rule on the
+    support set (first order, from detached parameters: what ``MAMLModule.adapt`` computes);
+    ``lr`` replaces the step size (plain SGD, for a network trained from scratch)."""
+    algorithm = "fomaml" if lr is not None else module.algorithm.with_order(first_order=True)
+    learned = {n: t.detach() for n, t in module.algorithm.learned().items()}
+    params = {n: p.detach() for n, p in module.net.named_parameters()}
+    results: list[float] = []
+    for start in range(0, len(batch.support_x), chunk):
+        part = Episode(*(t[start : start + chunk] for t in batch))
+        with torch.enable_grad():
+            out = meta_loss(
+                module.net,
+                "cross_entropy",
+                *part,
+                inner_lr=lr or module.inner_lr,
+                inner_steps=steps,
+                algorithm=algorithm,
+                params=params,
+                learned=None if lr is not None else learned,
+                track_initial_loss=False,
+                executor=module.executor,
+            )
+        correct = out.query_predictions.argmax(-1) == part.query_y
+        results += correct.float().mean(1).tolist()
+    return results
+
+
+# ---- classical pipelines --------------------------------------------------------------------
 
 
 def csp_lda():
@@ -205,194 +309,358 @@ def csp_lda():
     )
 
 
-def csp_accuracies(
-    train_x: np.ndarray,
-    train_y: np.ndarray,
-    x: np.ndarray,
-    y: np.ndarray,
-    episodes: list[tuple],
-    refit: bool,
-) -> list[float]:
-    """CSP+LDA query accuracy per episode: fitted on the training subjects' trials, and with
-    ``refit`` on those and the episode's support trials."""
-    zero_shot = None if refit else csp_lda().fit(train_x, train_y)
-    results = []
-    for support, query in episodes:
-        model = zero_shot
-        if refit:
-            fit_x = np.concatenate([train_x, x[support]])
-            model = csp_lda().fit(fit_x, np.concatenate([train_y, y[support]]))
-        results.append(float((model.predict(x[query]) == y[query]).mean()))
-    return results
+def recentred(covariances: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Covariances recentred by the Riemannian mean of ``reference``: ``M^-1/2 C M^-1/2``."""
+    whitening = invsqrtm(mean_riemann(reference))
+    return whitening @ covariances @ whitening
 
 
-def run_fold(fold: int, args: argparse.Namespace, progress: tqdm) -> list[dict]:
-    data = make_data(fold, args)
-    data.prepare_data()
-    data.setup("fit")
-    progress.set_postfix_str(f"subject {fold} held out: training")
-    models = {NAMES.get(a, a): train(data, a, args) for a in args.algorithms}
-    models["joint"] = train(data, None, args)
-    torch.manual_seed(args.seed + fold)
-    scratch = make_net(data).eval()
-    x, y, _ = data.data["test"]
-    # the classical baseline on the paradigm's trials, unstandardised (CSP uses their covariance)
-    raw = {s: data.load_subject(s) for s in args.subjects}
-    train_x = np.concatenate([raw[s][0] for s in data.splits["train"]]).astype(np.float64)
-    train_y = np.concatenate([raw[s][1] for s in data.splits["train"]])
-    test_x, test_y = raw[fold][0].astype(np.float64), raw[fold][1]
-    assert (np.asarray(data.classes)[y.numpy()] == test_y).all()  # one trial order
+def tangent_lr():
+    return make_pipeline(TangentSpace(metric="riemann"), LogisticRegression(max_iter=1000))
+
+
+def classical_rows(method: str, fold: dict, raw: dict, k: int, episodes: list) -> dict:
+    """Query accuracies per episode of each row of a classical method."""
+    train_x = np.concatenate([raw[s][0] for s in fold["train"]])
+    train_y = np.concatenate([raw[s][1] for s in fold["train"]])
+    x, y = raw[fold["test"]]
+
+    def scores(model, features, labels) -> list[float]:
+        return [float((model.predict(features[q]) == labels[q]).mean()) for _, q in episodes]
+
+    if method == "csp-lda":
+        zero_shot = csp_lda().fit(train_x, train_y)
+        refitted = []
+        for s, q in episodes:
+            model = csp_lda().fit(np.concatenate([train_x, x[s]]), np.concatenate([train_y, y[s]]))
+            refitted.append(float((model.predict(x[q]) == y[q]).mean()))
+        return {"CSP+LDA zero-shot": scores(zero_shot, x, y), "CSP+LDA + K": refitted}
+    estimator = Covariances(estimator="oas")
+    train_c = np.concatenate(
+        [recentred(c, c) for c in (estimator.transform(raw[s][0]) for s in fold["train"])]
+    )
+    covariances = estimator.transform(x)
+    zero_shot = tangent_lr().fit(train_c, train_y)
+    calibrated = []
+    for s, q in episodes:
+        model, mine = ts_lr_calibrated(train_c, train_y, covariances, y, s)
+        calibrated.append(float((model.predict(mine[q]) == y[q]).mean()))
+    return {
+        "TS+LR zero-shot": scores(zero_shot, covariances, y),
+        "TS+LR zero-shot (transductive)": scores(zero_shot, recentred(covariances, covariances), y),
+        "TS+LR + K": calibrated,
+    }
+
+
+def ts_lr_calibrated(train_c, train_y, covariances, y, support) -> tuple:
+    """Tangent space + LR refitted with a new subject's support trials, its covariances
+    recentred by the support trials alone: ``(model, recentred covariances of the subject)``."""
+    mine = recentred(covariances, covariances[support])
+    features = np.concatenate([train_c, mine[support]])
+    return tangent_lr().fit(features, np.concatenate([train_y, y[support]])), mine
+
+
+# ---- folds ----------------------------------------------------------------------------------
+
+
+def candidates(method: str, args: argparse.Namespace, chosen: dict | None) -> list[dict]:
+    """The settings to score for ``method``: the chosen one, or every candidate of the grid."""
+    if method in CLASSICAL:
+        return [{}]
+    if chosen is not None:
+        return [chosen[method]]
+    steps = args.eval_steps if method != "scratch" else [args.scratch_steps]
+    return [{"alignment": a, "eval_steps": e} for a in args.alignment for e in steps]
+
+
+def fold_key(fold: dict, method: str, settings: list[dict], args: argparse.Namespace) -> str:
+    shaping = {
+        "format": RESULTS_FORMAT,
+        "fold": fold,
+        "method": method,
+        "settings": settings,
+        "k_shots": args.k_shots,
+        "episodes": args.episodes,
+        "seed": args.seed,
+        **{
+            name: getattr(args, name)
+            for name in (
+                "meta_steps",
+                "meta_batch_size",
+                "meta_lr",
+                "inner_lr",
+                "inner_steps",
+                "train_k_shot",
+                "train_query",
+                "scratch_lr",
+            )
+        },
+    }
+    return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def run_method(fold: dict, method: str, settings: list[dict], args, cache: dict) -> list[dict]:
+    """Rows ``{method, setting, K, subject, accuracies}`` of one method on one fold."""
     rows = []
-    for k in args.k_shots:
-        episodes = held_out_episodes(y.numpy(), k, fold, args)
-        batch = episode_batch(x, y, episodes)
-        # a few episodes per call: memory stays small
-        results = {
-            name: adapted_accuracies(net, batch, args.inner_lr, args.eval_steps, chunk=8)
-            for name, net in models.items()
-        }
-        results["scratch"] = adapted_accuracies(
-            scratch, batch, args.scratch_lr, args.scratch_steps, chunk=8
+    if method in CLASSICAL:
+        raw = cache.setdefault("raw", {})
+        data = cache.get("none") or cache.setdefault(
+            "none", make_data(fold["train"], [fold["test"]], "none", args)
         )
-        for refit, name in ((False, "CSP+LDA zero-shot"), (True, "CSP+LDA + K")):
-            results[name] = csp_accuracies(train_x, train_y, test_x, test_y, episodes, refit)
-        for name, accuracies in results.items():
-            rows.append({"method": name, "K": k, "fold": fold, "accuracies": accuracies})
-        progress.update()
+        for s in {*fold["train"], fold["test"]} - set(raw):
+            x, labels = data.load_subject(s)
+            raw[s] = (x.astype(np.float64), labels)
+        for k in args.k_shots:
+            episodes = held_out_episodes(raw[fold["test"]][1], k, fold["test"], args)
+            for name, accuracies in classical_rows(method, fold, raw, k, episodes).items():
+                rows.append({"method": name, "setting": {}, "K": k, "accuracies": accuracies})
+        return rows
+    for alignment in dict.fromkeys(s["alignment"] for s in settings):
+        data = cache.get(alignment) or cache.setdefault(
+            alignment, make_data(fold["train"], [fold["test"]], alignment, args)
+        )
+        if method == "scratch":
+            pl.seed_everything(args.seed + fold["test"], verbose=False)
+            x = data.data["train"][0]
+            net = EEGNet(x.shape[1], x.shape[2], len(data.classes), sampling_rate=80)
+            module = MAMLModule(net, loss="cross_entropy").eval()
+        else:
+            module = train_network(data, method, args)
+        x, y, _ = data.data["test"]
+        for k in args.k_shots:
+            episodes = held_out_episodes(y.numpy(), k, fold["test"], args)
+            batch = episode_batch(x, y, episodes, align=alignment == "euclidean")
+            for setting in (s for s in settings if s["alignment"] == alignment):
+                lr = args.scratch_lr if method == "scratch" else None
+                accuracies = adapted_accuracies(module, batch, setting["eval_steps"], lr)
+                rows.append(
+                    {"method": NAMES[method], "setting": setting, "K": k, "accuracies": accuracies}
+                )
     return rows
 
 
+def run_stage(folds: list[dict], args, chosen: dict | None, stage: str) -> list[dict]:
+    """Every method on every fold, each (fold, method) read from its stored result where one
+    with the same settings exists, else computed and stored."""
+    store = Path(args.out) / "folds"
+    store.mkdir(parents=True, exist_ok=True)
+    units = [(fold, method) for fold in folds for method in args.methods]
+    progress = tqdm(total=len(units), desc=stage, disable=args.no_progress_bar)
+    rows: list[dict] = []
+    cache: dict = {}
+    current = None
+    for fold, method in units:
+        if fold != current:  # one fold's data at a time
+            cache, current = {}, fold
+        settings = candidates(method, args, chosen)
+        path = store / f"{fold_key(fold, method, settings, args)}.json"
+        progress.set_postfix_str(f"subject {fold['test']}, {method}")
+        if path.exists():
+            fold_rows = json.loads(path.read_text())["rows"]
+        else:
+            fold_rows = run_method(fold, method, settings, args, cache)
+            for row in fold_rows:
+                row["subject"] = fold["test"]
+            temporary = path.with_suffix(".tmp")
+            temporary.write_text(json.dumps({"fold": fold, "method": method, "rows": fold_rows}))
+            os.replace(temporary, path)  # whole files only: a killed run leaves none half-written
+        rows += fold_rows
+        progress.update()
+    progress.close()
+    return rows
+
+
+def folds_of(test_subjects: list[int], pool: list[int], fixed_train: list[int] | None) -> list:
+    return [{"test": s, "train": fixed_train or [t for t in pool if t != s]} for s in test_subjects]
+
+
+# ---- selection and summaries ----------------------------------------------------------------
+
+
+def choose(rows: list[dict], args: argparse.Namespace) -> tuple[dict, str]:
+    """Each network method's best setting by its mean accuracy over the selection folds at the
+    largest two K, and the best MAML-family method by the same score."""
+    ks = sorted(args.k_shots)[-2:]
+
+    def score(method: str, setting: dict) -> float:
+        cells = [
+            a
+            for r in rows
+            if r["method"] == NAMES[method] and r["setting"] == setting and r["K"] in ks
+            for a in r["accuracies"]
+        ]
+        return float(np.mean(cells))
+
+    chosen, scores = {}, {}
+    for method in (m for m in args.methods if m in NETWORKS):
+        chosen[method] = max(candidates(method, args, None), key=lambda s: score(method, s))
+        scores[method] = score(method, chosen[method])
+    family = [m for m in args.methods if m in FAMILY]
+    best = max(family, key=lambda m: scores[m]) if family else None
+    return chosen, best
+
+
 def t_interval(values: list[float]) -> tuple[float, float]:
-    """Mean and half-width of its 95% t interval (NaN half-width for one value)."""
     a = np.asarray(values, dtype=float)
     if len(a) < 2:
         return float(a.mean()), float("nan")
     return float(a.mean()), float(stats.t.ppf(0.975, len(a) - 1) * a.std(ddof=1) / np.sqrt(len(a)))
 
 
-def summarise(rows: list[dict], methods: list[str], args: argparse.Namespace) -> list[dict]:
+def summarise(rows: list[dict], args: argparse.Namespace) -> list[dict]:
+    """Per method and K: mean over test subjects of each subject's mean accuracy, t interval."""
     summary = []
-    for method in methods:
+    for method in dict.fromkeys(r["method"] for r in rows):
         for k in args.k_shots:
-            cells = [r for r in rows if r["method"] == method and r["K"] == k]
-            pooled = [a for r in cells for a in r["accuracies"]]
-            mean, ci = mean_and_ci95(pooled)
-            fold_means = [float(np.mean(r["accuracies"])) for r in cells]
-            _, fold_ci = t_interval(fold_means)
+            cells = sorted((r for r in rows if r["method"] == method and r["K"] == k),
+                           key=lambda r: r["subject"])  # fmt: skip
+            means = [float(np.mean(r["accuracies"])) for r in cells]
+            mean, ci = t_interval(means)
             summary.append(
                 {
                     "method": method,
                     "K": k,
                     "accuracy": mean,
-                    "ci95_episodes": ci,
-                    "ci95_folds": fold_ci,
-                    "fold_means": fold_means,
+                    "ci95_subjects": ci,
+                    "subjects": [r["subject"] for r in cells],
+                    "subject_means": means,
                 }
             )
     return summary
 
 
-def differences(summary: list[dict], reference: str, args: argparse.Namespace) -> list[dict]:
-    """Per K, ``reference`` minus each other method, per fold: mean and t interval."""
+def differences(summary: list[dict], reference: str, args) -> list[dict]:
+    """Per K, ``reference`` minus each other method, subject by subject: mean and t interval."""
     out = []
     for k in args.k_shots:
-        mine = next(s for s in summary if s["method"] == reference and s["K"] == k)["fold_means"]
+        mine = next(s for s in summary if s["method"] == reference and s["K"] == k)
         for s in summary:
             if s["K"] != k or s["method"] == reference:
                 continue
-            mean, ci = t_interval([a - b for a, b in zip(mine, s["fold_means"])])
-            out.append({"K": k, "versus": s["method"], "difference": mean, "ci95_folds": ci})
+            mean, ci = t_interval(
+                [a - b for a, b in zip(mine["subject_means"], s["subject_means"])]
+            )
+            out.append({"K": k, "versus": s["method"], "difference": mean, "ci95_subjects": ci})
     return out
 
 
-def markdown(summary: list[dict], diffs: list[dict], reference: str, args) -> str:
-    trials = "imagined and executed" if args.with_executed else "imagined"
+def interval(value: float) -> str:
+    return "n/a (1 subject)" if np.isnan(value) else f"± {value:.3f}"
+
+
+def markdown(summary, diffs, reference, chosen, args, subjects) -> str:
     columns = [f"K={k}" for k in args.k_shots]
     accuracy = {
-        method: [
-            f"{s['accuracy']:.3f} ± {s['ci95_episodes']:.3f} [± {s['ci95_folds']:.3f}]"
+        m: [
+            f"{s['accuracy']:.3f} {interval(s['ci95_subjects'])}"
             for s in summary
-            if s["method"] == method
+            if s["method"] == m
         ]
-        for method in dict.fromkeys(s["method"] for s in summary)
+        for m in dict.fromkeys(s["method"] for s in summary)
     }
     difference = {
-        versus: [
-            f"{d['difference']:+.3f} ± {d['ci95_folds']:.3f}"
+        v: [
+            f"{d['difference']:+.3f} {interval(d['ci95_subjects'])}"
             for d in diffs
-            if d["versus"] == versus
+            if d["versus"] == v
         ]
-        for versus in dict.fromkeys(d["versus"] for d in diffs)
+        for v in dict.fromkeys(d["versus"] for d in diffs)
     }
+    settings = ", ".join(f"{NAMES[m]}: {s}" for m, s in (chosen or {}).items())
     lines = [
-        f"2-way left/right fist ({trials} trials), leave-one-subject-out over subjects "
-        f"{args.subjects}: query accuracy, mean over {len(args.folds)} folds x {args.episodes} "
-        "episodes ± 95% interval over episodes [± t interval over folds]; chance 0.5.",
+        f"2-way left/right fist imagery, test subjects {subjects}: query accuracy, mean over "
+        f"subjects ± 95% t interval over subjects ({args.episodes} episodes per subject and K); "
+        "chance 0.5.",
+        f"Settings: {settings or 'as given'}.",
         "",
         *markdown_table("method", columns, accuracy),
         "",
-        f"{reference} minus each method, per fold (mean ± t interval over folds):",
+        f"{reference} minus each method, subject by subject (mean ± t interval over subjects):",
         "",
         *markdown_table("versus", columns, difference),
     ]
     return "\n".join(lines)
 
 
-def plot(summary: list[dict], args: argparse.Namespace, path: Path) -> None:
-    plot_accuracy_vs_k(
-        summary,
-        "ci95_folds",
-        0.5,
-        args.k_shots,
-        (
-            "K (labelled trials per class of the held-out subject)",
-            "query accuracy (± t interval over folds)",
-            f"PhysioNet left/right fist imagery, leave-one-subject-out ({len(args.folds)})",
-        ),
-        path,
-        (6.5, 4.2),
-    )
+def plot_subjects(summary: list[dict], reference: str, k: int, path: Path) -> None:
+    """Each test subject's accuracy at ``k``: ``reference`` and every other method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = [s for s in summary if s["K"] == k]
+    subjects = cells[0]["subjects"]
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    width = 0.8 / len(cells)
+    for i, s in enumerate(cells):
+        positions = np.arange(len(subjects)) + (i - len(cells) / 2 + 0.5) * width
+        ax.bar(positions, s["subject_means"], width, label=s["method"],
+               edgecolor="black" if s["method"] == reference else None)  # fmt: skip
+    ax.axhline(0.5, color="grey", ls=":")
+    ax.set_xticks(np.arange(len(subjects)), [str(s) for s in subjects])
+    ax.set_xlabel("test subject")
+    ax.set_ylabel(f"query accuracy, K={k}")
+    ax.set_ylim(0.2, 1.0)
+    ax.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(args: argparse.Namespace) -> None:
     quiet_lightning_info()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     mne.set_log_level("error")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    progress = tqdm(
-        total=len(args.folds) * len(args.k_shots), desc="folds x K", disable=args.no_progress_bar
+    chosen, best = None, None
+    report: dict = {"args": vars(args)}
+    if args.selection_subjects:
+        selection = run_stage(
+            folds_of(args.selection_subjects, args.selection_subjects, None),
+            args,
+            None,
+            "selection folds x methods",
+        )
+        chosen, best = choose(selection, args)
+        report.update(selection_rows=selection, chosen=chosen, best_family_method=best)
+        print(f"chosen on subjects {args.selection_subjects}: {chosen}; best of the family: {best}")
+    else:  # no selection: the first value of each setting
+        chosen = {m: candidates(m, args, None)[0] for m in args.methods if m in NETWORKS}
+    rows = run_stage(
+        folds_of(args.test_subjects, args.subjects, args.train_subjects),
+        args,
+        chosen,
+        "test folds x methods",
     )
-    rows = []
-    for fold in args.folds:
-        rows += run_fold(fold, args, progress)
-    progress.close()
     total = time.perf_counter() - start
-
-    methods = [NAMES.get(a, a) for a in args.algorithms] + BASELINES
-    summary = summarise(rows, methods, args)
-    reference = methods[0]
+    summary = summarise(rows, args)
+    family = [NAMES[m] for m in args.methods if m in FAMILY]
+    reference = NAMES[best] if best else (family[0] if family else summary[0]["method"])
     diffs = differences(summary, reference, args)
-    table = markdown(summary, diffs, reference, args)
+    table = markdown(summary, diffs, reference, chosen, args, args.test_subjects)
     print("\n" + table)
     (out / "results.md").write_text(table + "\n")
-    figure = out / "eeg_accuracy.png"
-    plot(summary, args, figure)
-    print(f"\ntotal {total:.0f} s; table: {out / 'results.md'}, figure: {figure}")
-    (out / "results.json").write_text(
-        json.dumps(
-            {
-                "args": vars(args),
-                "summary": summary,
-                "differences": diffs,
-                "rows": rows,
-                "total_seconds": total,
-            },
-            indent=2,
-        )
+    plot_accuracy_vs_k(
+        summary,
+        "ci95_subjects",
+        0.5,
+        args.k_shots,
+        (
+            "K (labelled trials per class of the new subject)",
+            "query accuracy (± t interval over subjects)",
+            f"PhysioNet left/right fist imagery, {len(args.test_subjects)} test subjects",
+        ),
+        out / "eeg_accuracy.png",
+        (7.5, 4.5),
     )
+    plot_subjects(summary, reference, sorted(args.k_shots)[len(args.k_shots) // 2],
+                  out / "eeg_subjects.png")  # fmt: skip
+    report.update(summary=summary, differences=diffs, rows=rows, total_seconds=total)
+    (out / "results.json").write_text(json.dumps(report, indent=2))
+    print(f"\ntotal {total:.0f} s; {out / 'results.md'}, {out / 'eeg_accuracy.png'}")
 
 
 if __name__ == "__main__":

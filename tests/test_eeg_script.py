@@ -1,0 +1,99 @@
+"""scripts/eeg.py on real PhysioNet subjects: end to end with tiny settings, resumed after a
+killed fold, and no query trial of a test subject in anything fitted."""
+
+import importlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("moabb")
+pytest.importorskip("pyriemann")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(
+    os.environ.get("LIGHTNING_MAML_MNE_DATA", ROOT / ".." / "shared" / "data" / "mne_data")
+)
+needs_data = pytest.mark.skipif(
+    not SHARED.exists(),
+    reason=f"real PhysioNet files not found at {SHARED} (set LIGHTNING_MAML_MNE_DATA)",
+)
+
+
+@pytest.fixture(scope="module")
+def mne_data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("mne") / "mne_data"
+    shutil.copytree(SHARED, folder)  # MNE may write beside the recordings
+    return folder
+
+
+def _run(mne_data, out):
+    command = [
+        sys.executable, str(ROOT / "scripts" / "eeg.py"), "--mne-data", str(mne_data),
+        "--subjects", "1-3", "--selection-subjects", "1,2", "--test-subjects", "3",
+        "--methods", "maml,joint,csp-lda,ts-lr", "--k-shots", "1,5", "--episodes", "2",
+        "--meta-steps", "2", "--eval-steps", "1,2", "--out", str(out), "--no-progress-bar",
+    ]  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True, check=True, cwd=out.parent)
+
+
+@needs_data
+def test_the_script_end_to_end_and_resumed_after_a_killed_fold(mne_data, tmp_path):
+    out = tmp_path / "eeg"
+    first = _run(mne_data, out)
+    table = (out / "results.md").read_text()
+    report = json.loads((out / "results.json").read_text())
+    assert report["best_family_method"] == "maml"
+    assert set(report["chosen"]) == {"maml", "joint"}
+    methods = {s["method"] for s in report["summary"]}
+    assert methods == {
+        "MAML", "joint + fine-tuning", "CSP+LDA zero-shot", "CSP+LDA + K",
+        "TS+LR zero-shot", "TS+LR zero-shot (transductive)", "TS+LR + K",
+    }  # fmt: skip
+    assert all(s["subjects"] == [3] for s in report["summary"])
+    assert "n/a (1 subject)" in first.stdout
+    assert (out / "eeg_accuracy.png").exists() and (out / "eeg_subjects.png").exists()
+    stored = {p: p.stat().st_mtime_ns for p in (out / "folds").glob("*.json")}
+    assert len(stored) == 2 * 4 + 4  # selection: 2 folds x 4 methods; test: 1 fold x 4
+    killed = next(p for p in stored if json.loads(p.read_text())["method"] == "maml")
+    killed.unlink()  # as if the run had been killed before this fold's maml finished
+    _run(mne_data, out)
+    assert (out / "results.md").read_text() == table  # the fold computed again, identically
+    for path, mtime in stored.items():  # only the killed one computed again
+        assert path.exists() and (path == killed or path.stat().st_mtime_ns == mtime)
+
+
+def _script():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        return importlib.import_module("eeg")
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+
+
+def test_a_test_subjects_query_trials_reach_no_alignment_and_no_fit():
+    eeg = _script()
+    g = np.random.default_rng(0)
+    x = torch.as_tensor(g.standard_normal((20, 4, 50)), dtype=torch.float32)
+    y = torch.arange(2).repeat(10)
+    episodes = [(np.array([0, 1, 2, 3]), np.arange(4, 20))]
+    poisoned = x.clone()
+    poisoned[4:] = 1e3 * torch.randn_like(poisoned[4:])
+    clean_batch = eeg.episode_batch(x, y, episodes, align=True)
+    poisoned_batch = eeg.episode_batch(poisoned, y, episodes, align=True)
+    torch.testing.assert_close(poisoned_batch.support_x, clean_batch.support_x)
+    # tangent space + LR calibrated on the support trials: the same fit either way
+    covariances = lambda t: np.stack([a @ a.T / 50 + 1e-3 * np.eye(4) for a in t.double().numpy()])  # noqa: E731
+    train = covariances(torch.as_tensor(g.standard_normal((30, 4, 50))))
+    train_y = np.arange(2).repeat(15)
+    fits = [
+        eeg.ts_lr_calibrated(train, train_y, covariances(t), y.numpy(), episodes[0][0])[0]
+        for t in (x, poisoned)
+    ]
+    np.testing.assert_array_equal(fits[0][-1].coef_, fits[1][-1].coef_)
