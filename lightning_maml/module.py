@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Mapping, Sequence
 from copy import deepcopy
 from typing import Any, Literal
@@ -96,6 +97,42 @@ def _as_call(description: Mapping[str, Any]) -> str:
     return f"{name}({', '.join(f'{k}={v!r}' for k, v in description['init_args'].items())})"
 
 
+def describe_network(net: nn.Module) -> dict[str, Any] | None:
+    """The class path and arguments that rebuild ``net`` (:func:`build_network`), for a network
+    that records them as ``init_args`` (this library's models do) and whose class imports by its
+    path; ``None`` otherwise.
+
+    Example::
+
+        >>> from lightning_maml.models import MLP
+        >>> describe_network(MLP(hidden=[8]))
+        {'class_path': 'lightning_maml.models.mlp.MLP', 'init_args': {'in_features': 1, 'hidden': [8], 'out_features': 1}}
+    """  # noqa: E501
+    cls, args = type(net), getattr(net, "init_args", None)
+    path = f"{cls.__module__}.{cls.__qualname__}"
+    if not isinstance(args, Mapping) or "<" in path or _import_class(path) is not cls:
+        return None
+    return {"class_path": path, "init_args": dict(args)}
+
+
+def build_network(description: Mapping[str, Any]) -> nn.Module:
+    """The network a :func:`describe_network` description (or a LightningCLI config) gives."""
+    cls = _import_class(str(description.get("class_path")))
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(
+            f"`net` {dict(description)!r} does not name an nn.Module class by its import path"
+        )
+    return cls(**dict(description.get("init_args") or {}))
+
+
+def _import_class(path: str) -> Any:
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+
+
 class MAMLModule(pl.LightningModule):
     """Meta-learns the initial parameters of ``net`` from batches of support/query tasks.
 
@@ -119,7 +156,10 @@ class MAMLModule(pl.LightningModule):
     over every step (``train/<name>_epoch``). Under ``Trainer(barebones=True)`` nothing is logged.
 
     Args:
-        net: the network; any ``nn.Module``.
+        net: the network; any ``nn.Module``. Where it records its arguments (this library's
+            models do) or comes from a LightningCLI config, checkpoints rebuild it:
+            ``MAMLModule.load_from_checkpoint(path)``; otherwise pass it again,
+            ``load_from_checkpoint(path, net=MyNet(...))``.
         loss: ``"mse"``, ``"cross_entropy"`` or a callable ``(prediction, target) -> scalar``.
         inner_lr: inner-loop SGD step size, > 0 (default 0.01); ``inner_steps=0`` for no
             adaptation.
@@ -190,7 +230,7 @@ class MAMLModule(pl.LightningModule):
 
     def __init__(
         self,
-        net: nn.Module,
+        net: nn.Module | None = None,
         loss: str | Callable[[Tensor, Tensor], Tensor] = "mse",
         inner_lr: float = 0.01,
         inner_steps: int = 1,
@@ -207,6 +247,15 @@ class MAMLModule(pl.LightningModule):
         on_nonfinite: OnNonFinite = "raise",
     ) -> None:
         super().__init__()
+        if net is None:
+            raise TypeError(
+                "`net` is missing: pass the network (any nn.Module). A checkpoint rebuilds it only "
+                "where it was described (this library's models, or a network from a LightningCLI "
+                "config); otherwise pass it, built as for training: "
+                "MAMLModule.load_from_checkpoint(path, net=MyNet(...))"
+            )
+        if isinstance(net, Mapping):  # a description saved in a checkpoint
+            net = build_network(net)
         if not isinstance(net, nn.Module):
             raise TypeError(f"`net` must be a torch.nn.Module, got {type(net).__name__}")
         if not any(p.requires_grad for p in net.parameters()):
@@ -275,9 +324,12 @@ class MAMLModule(pl.LightningModule):
         # out and on_load_checkpoint refuses a module built otherwise than the one trained
         loss = describe_loss(loss)
         algorithm = algorithm if isinstance(algorithm, str) else _description(algorithm_object)
-        ignore = ["net", "optimizer", "optimizers_from"]
-        ignore += [name for name, value in (("loss", loss), ("algorithm", algorithm)) if not value]
+        network, net = net, describe_network(net)
+        ignore = ["optimizer", "optimizers_from"]
+        described = (("loss", loss), ("algorithm", algorithm), ("net", net))
+        ignore += [name for name, value in described if not value]
         self.save_hyperparameters(ignore=ignore)
+        net = network
         self.net = net
         self.algorithm = algorithm_object
         #: what this module's meta-losses remember between batches (vmap decisions, compiled code)

@@ -18,7 +18,7 @@ from lightning_maml import Episode, MAMLModule
 from lightning_maml.datamodules import FewShotDataModule, SinusoidDataModule
 from lightning_maml.datamodules.sinusoid import TaskSet
 from lightning_maml.functional import ANIL, MAML, MAMLPlusPlus, MetaSGD
-from lightning_maml.models import MLP
+from lightning_maml.models import MLP, EEGNet
 
 
 def _episodes(n_batches=3, tasks=4, poison=None, leave_out=None):
@@ -163,9 +163,9 @@ def test_on_nonfinite_is_checked():
 # ---- checkpoints ---------------------------------------------------------------------------------
 
 
-def _trained(tmp_path, **kwargs):
+def _trained(tmp_path, net=None, **kwargs):
     pl.seed_everything(0)
-    module = MAMLModule(tanh_mlp(), inner_lr=0.1, inner_steps=2, **kwargs)
+    module = MAMLModule(net or tanh_mlp(), inner_lr=0.1, inner_steps=2, **kwargs)
     trainer = quiet_trainer(
         max_epochs=2, limit_val_batches=0, enable_checkpointing=True, default_root_dir=tmp_path
     )
@@ -310,3 +310,42 @@ def test_reduced_precision_runs_keep_vmap(precision):
         warnings.filterwarnings("error", message=".*vmap.*")
         _fit(module, data, precision=precision)
     assert module.executor.decisions and all(module.executor.decisions.values())
+
+
+# ---- reloading the network -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: MLP(hidden=[8, 8]), lambda: EEGNet(2, 32, 1, sampling_rate=16)],
+    ids=["MLP", "EEGNet"],
+)
+def test_a_library_network_is_rebuilt_from_the_checkpoint_without_net(tmp_path, make):
+    pl.seed_everything(0)
+    module = MAMLModule(make(), inner_lr=0.1)
+    trainer = quiet_trainer(max_steps=2, limit_val_batches=0, enable_checkpointing=True,
+                            default_root_dir=tmp_path)  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    shape = (1,) if isinstance(module.net, MLP) else (2, 32)
+    x = torch.randn(8, 5, *shape, generator=g)
+    y = torch.randn(8, 5, 1, generator=g)
+    trainer.fit(module, DataLoader(TaskSet(Episode(x, y, x, y)), batch_size=4))
+    loaded = MAMLModule.load_from_checkpoint(trainer.checkpoint_callback.best_model_path)
+    assert type(loaded.net) is type(module.net)
+    for a, b in zip(loaded.parameters(), module.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_a_network_that_cannot_be_described_is_asked_for_by_name(tmp_path):
+    class Own(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.Linear(1, 1)
+
+        def forward(self, x):
+            return self.layer(x)
+
+    _, ckpt = _trained(tmp_path, net=Own())
+    with pytest.raises(TypeError, match=r"`net` is missing.*load_from_checkpoint\(path, net="):
+        MAMLModule.load_from_checkpoint(ckpt)
+    assert isinstance(MAMLModule.load_from_checkpoint(ckpt, net=Own()).net, Own)

@@ -71,9 +71,10 @@ class EEGNet(nn.Module):
         n_samples: time samples per trial (T).
         n_classes: output classes.
         sampling_rate: Hz; sets the temporal kernel length to ``sampling_rate // 2`` (default 128).
-        f1: temporal filters (default 8). depth: spatial filters per temporal filter (default 2).
-        f2: pointwise filters (default ``f1 * depth``). dropout: rate (default 0.25, the paper's
-        cross-subject value; 0.5 within subject).
+        f1: temporal filters (default 8).
+        depth: spatial filters per temporal filter (default 2).
+        f2: pointwise filters (default ``f1 * depth``).
+        dropout: rate (default 0.25, the paper's cross-subject value; 0.5 within subject).
 
     Raises:
         ValueError: if a size is below 1, ``n_samples`` < 32, or ``dropout`` is outside [0, 1).
@@ -98,6 +99,11 @@ class EEGNet(nn.Module):
         dropout: float = 0.25,
     ) -> None:
         super().__init__()
+        #: the arguments that rebuild it (a checkpoint of MAMLModule records them)
+        self.init_args = dict(
+            n_channels=n_channels, n_samples=n_samples, n_classes=n_classes,
+            sampling_rate=sampling_rate, f1=f1, depth=depth, f2=f2, dropout=dropout,
+        )  # fmt: skip
         f2 = f1 * depth if f2 is None else f2
         for name, value in (
             ("n_channels", n_channels),

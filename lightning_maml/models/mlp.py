@@ -29,6 +29,10 @@ class MLP(nn.Module):
         self, in_features: int = 1, hidden: Sequence[int] = (40, 40), out_features: int = 1
     ) -> None:
         super().__init__()
+        #: the arguments that rebuild it (a checkpoint of MAMLModule records them)
+        self.init_args = {
+            "in_features": in_features, "hidden": list(hidden), "out_features": out_features
+        }  # fmt: skip
         sizes = [in_features, *hidden, out_features]
         for name, size in (("in_features", in_features), ("out_features", out_features)):
             if size < 1:
