@@ -108,22 +108,28 @@ class FewShotDataModule(EpisodicDataModule):
 
     Args:
         dataset: one dataset to split.
-        train, val, test: the datasets of each split instead (val and test may be ``None``).
+        train: the meta-training dataset, instead of ``dataset``.
+        val: the validation dataset (may be ``None``), with ``train``.
+        test: the test dataset (may be ``None``), with ``train``.
         labels: the integer label of every sample (a sequence for ``dataset``, a mapping split ->
             sequence for ``train``/``val``/``test``), to skip reading them.
         groups: the group of every sample, same form as ``labels``: tasks are groups.
         classes: for ``dataset``, the classes (or with ``groups``, the groups) of each split, a
             mapping split -> list; default: drawn (seeded) with ``fractions``.
         fractions: shares of classes (or groups) for train, val, test (default 0.6, 0.2, 0.2).
-        n_way, k_shot, query_size: classes per episode, support and query samples per class.
+        n_way: classes per episode.
+        k_shot: support samples per class.
+        query_size: query samples per class.
         meta_batch_size: episodes per batch.
-        episodes_per_epoch: training episodes per epoch; num_eval_episodes: per val/test split.
+        episodes_per_epoch: training episodes per epoch.
+        num_eval_episodes: episodes per validation and test split.
         seed: seed of the split and of the episodes.
         num_workers: DataLoader workers (they read the samples).
-        input_key, label_key: where a sample holds its input and its label: keys of mapping
-            samples (``input_key="image", label_key="label"``) or indices of tuples; default:
-            items 0 and 1 of ``(input, label)`` pairs. ``label_key`` is read only where labels
-            are neither given nor a ``targets`` attribute.
+        input_key: where a sample holds its input: a key of mapping samples
+            (``input_key="image"``) or an index of tuples; default: item 0 of ``(input, label)``
+            pairs.
+        label_key: where a sample holds its label, likewise (default: item 1); read only where
+            the labels are neither given nor a ``targets`` attribute.
 
     Raises:
         ValueError: on counts below 1, both or neither of ``dataset`` and ``train``, labels that
@@ -309,6 +315,23 @@ class FewShotDataModule(EpisodicDataModule):
                     )
 
     def _check_episodes(self) -> None:
+        if self.groups is None:  # a split is one task: it needs n_way classes
+            counts = {split: len(self.split_classes[split]) for split in self.splits}
+            short = {split: n for split, n in counts.items() if n < self.n_way}
+            if short:
+                split, n = next(iter(short.items()))
+                origin = (
+                    f"`fractions` {self.fractions} of the {sum(counts.values())} classes give "
+                    if self.dataset is not None and self.classes is None
+                    else "the splits have "
+                )
+                raise ValueError(
+                    f"the {split} split has {n} classes, fewer than n_way={self.n_way}: {origin}"
+                    + ", ".join(f"{s} {c}" for s, c in counts.items())
+                    + ". Choose `fractions` (or `classes`) that give every split at least n_way "
+                    "classes, e.g. fractions=(0.5, 0.25, 0.25) for 20 classes and n_way=5, or a "
+                    "smaller n_way"
+                )
         for split in self.splits:  # raises naming the task and class short of samples
             self.episodes(split, 1)
 

@@ -94,7 +94,8 @@ def test_classes_are_split_disjointly_and_episodes_use_their_split_only():
 def test_given_classes_with_too_few_for_an_episode_are_refused_clearly():
     data = TensorDataset(torch.randn(400, 4), torch.arange(10).repeat_interleave(40))
     dm = FewShotDataModule(data, classes={"train": [0, 1, 2], "test": [7, 8]}, n_way=3)
-    with pytest.raises(ValueError, match="test split: task 0 has 2 classes"):
+    with pytest.raises(ValueError, match=r"the test split has 2 classes, fewer than n_way=3: the "
+                       r"splits have train 3, test 2"):  # fmt: skip
         dm.setup()
     short = TensorDataset(torch.randn(60, 4), torch.tensor([0] * 50 + [1] * 5 + [2] * 5))
     dm = FewShotDataModule(short, classes={"train": [0, 1, 2]}, n_way=2, k_shot=3, query_size=5)
@@ -279,3 +280,14 @@ def test_mapping_samples_are_read_through_input_and_label_keys():
         next(iter(no_key.train_dataloader()))
     with pytest.raises(ValueError, match=r"no label at label_key='target'.*\['image', 'label'\]"):
         FewShotDataModule(data, n_way=2, label_key="target").setup("fit")
+
+
+def test_a_split_with_fewer_classes_than_n_way_names_fractions_n_way_and_the_counts():
+    data = TensorDataset(torch.randn(400, 2), torch.arange(20).repeat(20))
+    with pytest.raises(
+        ValueError,
+        match=r"the val split has 4 classes, fewer than n_way=5: `fractions` \(0.6, 0.2, 0.2\) "
+        r"of the 20 classes give train 12, val 4, test 4",
+    ):
+        FewShotDataModule(data).setup("fit")
+    FewShotDataModule(data, fractions=(0.5, 0.25, 0.25)).setup("fit")  # the advice works
