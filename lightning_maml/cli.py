@@ -11,7 +11,7 @@ import warnings
 import lightning.pytorch as pl
 import torch
 from jsonargparse.typing import PositiveInt
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from lightning_maml.distributed import end_process_group
 from lightning_maml.module import MAMLModule
@@ -20,10 +20,29 @@ from lightning_maml.module import MAMLModule
 DEFAULT_THREADS = 1
 
 
+class SaveConfig(SaveConfigCallback):
+    """Saves each run's config beside its logs, refusing to overwrite an earlier run's with advice
+    a command-line user can follow (``--overwrite_config=true``)."""
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        try:
+            super().setup(trainer, pl_module, stage)
+        except RuntimeError as error:
+            if self.overwrite or "NOT exist" not in str(error):
+                raise
+            path = f"{trainer.log_dir}/{self.config_filename}"
+            raise RuntimeError(
+                f"{path} holds the config of an earlier run; pass --overwrite_config=true to "
+                "replace it, delete it, or run with a logger (each run then has a folder of its "
+                "own)"
+            ) from None
+
+
 class MAMLCLI(LightningCLI):
     """LightningCLI with a ``threads`` setting: torch's intra-op threads for the run, set before
     anything is built (``--threads 2``, ``threads: 2`` in a config; ``null`` leaves torch's
-    setting, by default one per core)."""
+    setting, by default one per core), and ``--overwrite_config=true`` to replace the config an
+    earlier run saved in the same folder."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
@@ -38,10 +57,19 @@ class MAMLCLI(LightningCLI):
             ),
         )
 
+        parser.add_argument(
+            "--overwrite_config",
+            type=bool,
+            default=False,
+            help="replace the config.yaml an earlier run saved in this run's folder",
+        )
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.get("threads") is not None:
             torch.set_num_threads(config["threads"])
+        if config.get("overwrite_config"):
+            self.save_config_kwargs = {**self.save_config_kwargs, "overwrite": True}
 
 
 def build_cli(args: list[str] | None = None) -> LightningCLI:
@@ -68,6 +96,7 @@ def build_cli(args: list[str] | None = None) -> LightningCLI:
         MAMLModule,
         pl.LightningDataModule,
         subclass_mode_data=True,
+        save_config_callback=SaveConfig,
         # each run saves its config beside its logs; without a logger that is the working
         # directory, and an earlier run's config.yaml there is refused rather than overwritten
         save_config_kwargs={"overwrite": False},

@@ -185,3 +185,14 @@ def test_predict_from_a_checkpoint_writes_each_episodes_adapted_query_prediction
     batch = next(iter(cli.datamodule.test_dataloader()))
     expected = module.meta_forward(batch, module.eval_inner_steps, train=False)
     torch.testing.assert_close(saved[0], expected.query_predictions)
+
+
+def test_a_second_run_in_one_folder_is_refused_with_advice_the_command_takes(tmp_path):
+    path = _tiny_config(tmp_path)
+    arguments = ["fit", "--config", str(path), "--trainer.logger=false", "--trainer.max_steps=1"]
+    arguments += [f"--trainer.default_root_dir={tmp_path / 'run'}"]
+    build_cli(arguments)
+    with pytest.raises(RuntimeError, match="config.yaml holds the config of an earlier run; pass "
+                       "--overwrite_config=true"):  # fmt: skip
+        build_cli(arguments)
+    build_cli([*arguments, "--overwrite_config=true"])  # the advice works
