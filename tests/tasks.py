@@ -1,8 +1,24 @@
 """Small networks, task batches and a quiet Trainer shared by the tests."""
 
+import os
+from pathlib import Path
+
 import lightning.pytorch as pl
+import pytest
 import torch
 from torch import nn
+
+#: real PhysioNet recordings in MNE's layout, copied by the tests that use them
+#: (``LIGHTNING_MAML_MNE_DATA`` points elsewhere)
+REAL_EEG = Path(
+    os.environ.get("LIGHTNING_MAML_MNE_DATA")
+    or Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "mne_data"
+)
+needs_real_eeg = pytest.mark.skipif(
+    not REAL_EEG.exists(),
+    reason=f"real PhysioNet recordings not found at {REAL_EEG}: set LIGHTNING_MAML_MNE_DATA to a "
+    "folder holding them in MNE's layout",
+)
 
 
 def tanh_mlp() -> nn.Module:

@@ -3,7 +3,6 @@ killed fold, and no query trial of a test subject in anything fitted."""
 
 import importlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -12,24 +11,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tasks import REAL_EEG, needs_real_eeg
 
 pytest.importorskip("moabb")
 pytest.importorskip("pyriemann")
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(
-    os.environ.get("LIGHTNING_MAML_MNE_DATA", ROOT / ".." / "shared" / "data" / "mne_data")
-)
-needs_data = pytest.mark.skipif(
-    not SHARED.exists(),
-    reason=f"real PhysioNet files not found at {SHARED} (set LIGHTNING_MAML_MNE_DATA)",
-)
 
 
 @pytest.fixture(scope="module")
 def mne_data(tmp_path_factory):
     folder = tmp_path_factory.mktemp("mne") / "mne_data"
-    shutil.copytree(SHARED, folder)  # MNE may write beside the recordings
+    shutil.copytree(REAL_EEG, folder)  # MNE may write beside the recordings
     return folder
 
 
@@ -43,7 +36,7 @@ def _run(mne_data, out):
     return subprocess.run(command, capture_output=True, text=True, check=True, cwd=out.parent)
 
 
-@needs_data
+@needs_real_eeg
 def test_the_script_end_to_end_and_resumed_after_a_killed_fold(mne_data, tmp_path):
     out = tmp_path / "eeg"
     first = _run(mne_data, out)

@@ -10,14 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tasks import fake_motor_imagery
+from tasks import REAL_EEG, fake_motor_imagery, needs_real_eeg
 
 pytest.importorskip("moabb")
 
 from lightning_maml.datamodules import MOABBDataModule  # noqa: E402
 from lightning_maml.datamodules.moabb import _read_cache, _write_cache  # noqa: E402
-
-SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "mne_data"
 
 
 def _module(tmp_path, **kwargs):
@@ -115,12 +113,12 @@ def test_missing_files_offline_name_dataset_and_data_folder(tmp_path, monkeypatc
         dm.setup()
 
 
-@pytest.mark.skipif(not SHARED.exists(), reason=f"real PhysioNet files not found at {SHARED}")
+@needs_real_eeg
 def test_real_physionet_subject_through_moabb(tmp_path, monkeypatch):
     from moabb.datasets import PhysionetMI
 
     data = tmp_path / "mne_data"
-    shutil.copytree(SHARED, data)
+    shutil.copytree(REAL_EEG, data)
     for name in ("MNE_DATA", "MNE_DATASETS_EEGBCI_PATH"):
         monkeypatch.setenv(name, str(data))
     monkeypatch.setenv("MOABB_DOWNLOAD_PROVIDER", "upstream")
@@ -317,7 +315,7 @@ def test_a_failed_download_leaves_no_empty_folders_and_one_short_error(tmp_path,
     assert sorted(p.name for p in data_folder.iterdir()) == ["kept", "partial"]
 
 
-@pytest.mark.skipif(not SHARED.exists(), reason=f"real PhysioNet files not found at {SHARED}")
+@needs_real_eeg
 def test_the_shipped_physionet_config_trains_on_all_five_real_subjects(tmp_path, monkeypatch):
     """The real path end to end, offline: MOABB's PhysionetMI and LeftRightImagery load all five
     subjects from a copy of the data, and one short fold (subjects 1-3 meta-train, 4 validates, 5
@@ -327,7 +325,7 @@ def test_the_shipped_physionet_config_trains_on_all_five_real_subjects(tmp_path,
     from lightning_maml.cli import build_cli
 
     data = tmp_path / "mne_data"
-    shutil.copytree(SHARED, data)
+    shutil.copytree(REAL_EEG, data)
     for name in ("MNE_DATA", "MNE_DATASETS_EEGBCI_PATH"):
         monkeypatch.setenv(name, str(data))
     monkeypatch.setenv("MOABB_DOWNLOAD_PROVIDER", "upstream")
