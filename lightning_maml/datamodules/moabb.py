@@ -177,13 +177,20 @@ class MOABBDataModule(EpisodicDataModule):
         paradigm: a MOABB paradigm instance, a class name in ``moabb.paradigms`` (default
             ``"MotorImagery"``), built with ``paradigm_kwargs`` (e.g. ``events``, ``fmin``,
             ``fmax``, ``tmin``, ``tmax``, ``resample``).
-        train_subjects, val_subjects, test_subjects: explicit subject lists; any left ``None`` are
-            drawn (seeded) from the remaining subjects with ``val_fraction`` / ``test_fraction``.
-        n_way, k_shot, query_size: classes per episode, support and query trials per class.
+        train_subjects: the meta-training subjects; any of the three subject lists left ``None``
+            is drawn (seeded) from the remaining subjects.
+        val_subjects: the validation subjects.
+        test_subjects: the test subjects (new subjects, calibrated from their support trials).
+        val_fraction: share of the subjects drawn for validation where ``val_subjects`` is
+            ``None``.
+        test_fraction: likewise for ``test_subjects``.
+        n_way: classes per episode.
+        k_shot: support trials per class.
+        query_size: query trials per class.
         meta_batch_size: episodes (tasks) per batch.
         episodes_per_epoch: training episodes per epoch, drawn afresh every epoch
-            (:class:`~lightning_maml.datamodules.episodic.EpisodeSampler`); num_eval_episodes: per
-            val/test split, a fixed set.
+            (:class:`~lightning_maml.datamodules.episodic.EpisodeSampler`).
+        num_eval_episodes: episodes per validation and test split, a fixed set.
         relabel: ``False`` (default) keeps class indices (label ``j`` is ``classes[j]`` in every
             episode, so a network has one output per class); ``True`` maps each episode's classes
             to ``0..n_way-1`` in random order, so a class takes different labels in different

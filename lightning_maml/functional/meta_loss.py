@@ -120,8 +120,10 @@ def meta_loss(
     Args:
         net: any ``nn.Module``; it is run functionally and not modified.
         loss_fn: ``"mse"``, ``"cross_entropy"`` or a callable ``(prediction, target) -> scalar``.
-        support_x, support_y, query_x, query_y: tensors with a leading task dimension (see
-            :func:`check_episode`).
+        support_x: ``[tasks, K, *features]`` support inputs (see :func:`check_episode`).
+        support_y: ``[tasks, K, *targets]`` support targets.
+        query_x: ``[tasks, Q, *features]`` query inputs.
+        query_y: ``[tasks, Q, *targets]`` query targets.
         inner_lr: step size of the inner-loop SGD, > 0 (``inner_steps=0`` evaluates without
             adapting).
         inner_steps: number of inner-loop steps (0 evaluates the initial parameters).
