@@ -7,6 +7,7 @@ The network and the DataModule are chosen by class path in the config, e.g.
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
@@ -22,7 +23,21 @@ DEFAULT_THREADS = 1
 
 class SaveConfig(SaveConfigCallback):
     """Saves each run's config beside its logs, refusing to overwrite an earlier run's with advice
-    a command-line user can follow (``--overwrite_config=true``)."""
+    a command-line user can follow (``--overwrite_config=true``); a run that fails leaves no empty
+    log folder behind (the run's folder and its empty parents, up to the working folder)."""
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        if not trainer.is_global_zero or trainer.log_dir is None:
+            return
+        folder, stop = Path(trainer.log_dir).resolve(), Path.cwd().resolve()
+        while folder != stop and stop in folder.parents:
+            try:
+                folder.rmdir()  # only an empty one
+            except OSError:
+                return
+            folder = folder.parent
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         try:

@@ -95,3 +95,10 @@ def quiet_trainer(**kwargs) -> pl.Trainer:
     if kwargs.get("strategy") == "ddp_spawn":
         kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), ReleaseProcessGroup()]
     return pl.Trainer(**kwargs)
+
+
+class FailingDataModule(pl.LightningDataModule):
+    """A data module whose data cannot be loaded in ``setup`` (as an offline download fails)."""
+
+    def setup(self, stage: str) -> None:
+        raise RuntimeError("the data could not be loaded")

@@ -196,3 +196,13 @@ def test_a_second_run_in_one_folder_is_refused_with_advice_the_command_takes(tmp
                        "--overwrite_config=true"):  # fmt: skip
         build_cli(arguments)
     build_cli([*arguments, "--overwrite_config=true"])  # the advice works
+
+
+def test_a_run_that_fails_leaves_no_empty_run_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = yaml.safe_load((ROOT / "configs" / "sinusoid.yaml").read_text())
+    config["data"] = {"class_path": "tasks.FailingDataModule"}
+    (tmp_path / "failing.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(RuntimeError, match="the data could not be loaded"):
+        build_cli(["fit", "--config", "failing.yaml"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["failing.yaml"]

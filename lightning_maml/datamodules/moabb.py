@@ -149,10 +149,30 @@ def _remove_new_empty_folders(root: Path, before: set[Path]) -> None:
 
 
 def mne_data_folder() -> str:
-    """The folder MNE downloads datasets to (``MNE_DATA`` or its default)."""
+    """The folder MNE downloads datasets to: ``MNE_DATA`` (from the environment or MNE's
+    configuration; an empty value is the current folder, as MNE reads it), else ``~/mne_data``."""
     import mne
 
-    return os.environ.get("MNE_DATA") or mne.get_config("MNE_DATA") or str(Path.home() / "mne_data")
+    value = os.environ.get("MNE_DATA")
+    if value is None:
+        value = mne.get_config("MNE_DATA")
+    if value is None:
+        return str(Path.home() / "mne_data")
+    return str(Path(value or ".").resolve())
+
+
+def _dataset_folders() -> dict[str, str]:
+    """``MNE_DATASETS_<NAME>_PATH`` settings (environment over MNE's configuration), resolved as
+    MNE resolves them (empty: the current folder): where MNE puts each dataset's files."""
+    import mne
+
+    settings = {k: v for k, v in (mne.get_config() or {}).items() if _is_dataset_key(k)}
+    settings.update({k: v for k, v in os.environ.items() if _is_dataset_key(k)})
+    return {k: str(Path(v or ".").resolve()) for k, v in settings.items()}
+
+
+def _is_dataset_key(key: str) -> bool:
+    return key.startswith("MNE_DATASETS_") and key.endswith("_PATH")
 
 
 class MOABBDataModule(EpisodicDataModule):
@@ -344,8 +364,9 @@ class MOABBDataModule(EpisodicDataModule):
             cached = _read_cache(path)
             if cached is not None:
                 return cached
-        data_folder = Path(mne_data_folder())
-        folders_before = _folders(data_folder)
+        # where MNE may write: the data folder and every dataset's own folder
+        roots = {Path(p) for p in (mne_data_folder(), *_dataset_folders().values())}
+        folders_before = {root: _folders(root) for root in roots}
         try:
             x, y, _ = self.paradigm.get_data(dataset=self.dataset, subjects=[subject])
         except Exception as error:  # MNE/MOABB raise many kinds
@@ -355,11 +376,21 @@ class MOABBDataModule(EpisodicDataModule):
             )
             if not _download_error(error):
                 raise RuntimeError(message) from error
-            _remove_new_empty_folders(data_folder, folders_before)
+            used = sorted(str(r) for r in roots if _folders(r) - folders_before[r])
+            for root in roots:
+                _remove_new_empty_folders(root, folders_before[root])
+            configured = ", ".join(f"{k}={v!r}" for k, v in sorted(_dataset_folders().items()))
+            where = (
+                f"MNE looked for them in {', '.join(map(repr, used))}"
+                if used
+                else f"MNE looks for them in the MNE data folder {mne_data_folder()!r}"
+                + (f" or the dataset's own ({configured})" if configured else "")
+            )
             message += (
-                f" Without network access the files must already be in the MNE data folder "
-                f"{str(data_folder)!r} (set MNE_DATA to change it); offline, "
-                "MOABB_DOWNLOAD_PROVIDER=upstream also skips MOABB's retries of its mirror."
+                f" Without network access the files must already be where MNE looks: {where}; "
+                "set MNE_DATA (and a dataset's MNE_DATASETS_<NAME>_PATH) to the folder holding "
+                "them. Offline, MOABB_DOWNLOAD_PROVIDER=upstream also skips MOABB's retries of "
+                "its mirror."
             )
             # the message says it all: not the chain of retries and connection errors below it
             raise RuntimeError(message) from None

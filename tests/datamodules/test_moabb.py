@@ -309,10 +309,36 @@ def test_a_failed_download_leaves_no_empty_folders_and_one_short_error(tmp_path,
             raise requests.exceptions.ConnectionError("Max retries exceeded") from inner
 
     monkeypatch.setattr(dm.paradigm, "get_data", fail)
-    with pytest.raises(RuntimeError, match="Max retries exceeded.*MNE data folder") as info:
+    with pytest.raises(
+        RuntimeError, match=f"Max retries exceeded.*MNE looked for them in '{data_folder}'"
+    ) as info:
         dm.load_subject(1)
     assert info.value.__cause__ is None and info.value.__suppress_context__
     assert sorted(p.name for p in data_folder.iterdir()) == ["kept", "partial"]
+
+
+def test_empty_data_folder_settings_name_the_folder_mne_used_and_leave_it_clean(
+    tmp_path, monkeypatch
+):
+    import requests
+
+    # `export MNE_DATA=$(realpath missing/folder)` exports an empty value: MNE then writes to
+    # the current folder
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("MNE_DATA", "")
+    monkeypatch.setenv("MNE_DATASETS_EEGBCI_PATH", "")
+    dm = _module(tmp_path / "cache", cache_dir=None)
+
+    def fail(*args, **kwargs):
+        (work / "MNE-eegbci-data" / "files" / "S005").mkdir(parents=True)
+        raise requests.exceptions.ConnectionError("Failed to resolve 'physionet.org'")
+
+    monkeypatch.setattr(dm.paradigm, "get_data", fail)
+    with pytest.raises(RuntimeError, match=f"MNE looked for them in '{work}'"):
+        dm.load_subject(5)
+    assert list(work.iterdir()) == []
 
 
 @needs_real_eeg
