@@ -398,3 +398,23 @@ def test_maml_module_honours_an_existing_modules_optimizers_and_schedulers():
         )
     with pytest.raises(ValueError, match="leave `optimizer` and `meta_lr` out"):
         MAMLModule(existing.model, meta_lr=0.1, optimizers_from=existing)
+
+
+def test_the_progress_bar_shows_short_distinct_names_and_loggers_only_full_ones(tmp_path):
+    pl.seed_everything(0)
+    module = MAMLModule(MLP(), inner_lr=0.01)
+    data = SinusoidDataModule(meta_batch_size=4, batches_per_epoch=4, num_val_tasks=4)
+    trainer = quiet_trainer(
+        max_epochs=1, log_every_n_steps=1, logger=CSVLogger(tmp_path, name="run")
+    )
+    trainer.fit(module, data)
+    assert set(trainer.progress_bar_metrics) == {"before", "after", "val_after"}
+    torch.testing.assert_close(
+        trainer.progress_bar_metrics["val_after"],
+        trainer.callback_metrics["val/query_loss_after"].item(),
+    )
+    with open(next(Path(tmp_path).rglob("metrics.csv"))) as f:
+        columns = set(next(csv.reader(f)))
+    assert {"train/loss", "train/query_loss_before", "train/query_loss_after"} <= columns
+    assert {"val/query_loss_after", "val/query_loss_before"} <= columns
+    assert not columns & {"before", "after", "val_after", "acc"}

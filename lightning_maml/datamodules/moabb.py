@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 import urllib.error
 import warnings
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -169,6 +171,31 @@ def _dataset_folders() -> dict[str, str]:
     settings = {k: v for k, v in (mne.get_config() or {}).items() if _is_dataset_key(k)}
     settings.update({k: v for k, v in os.environ.items() if _is_dataset_key(k)})
     return {k: str(Path(v or ".").resolve()) for k, v in settings.items()}
+
+
+class _DropMontageNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return _MONTAGE_NOTICE not in record.getMessage()
+
+
+# MOABB's PhysionetMI asks MNE 1.13 for a montage by a name MNE deprecates: nothing a user can do
+_MONTAGE_NOTICE = "Montage name 'standard_1005' is deprecated"
+
+
+@contextmanager
+def _quiet_mne() -> Iterator[None]:
+    """While MOABB loads a subject: MNE's information lines (one per file and event type) and
+    the montage notice MOABB causes are left out; other warnings stay."""
+    import mne
+
+    notice = _DropMontageNotice()
+    with mne.utils.use_log_level("WARNING"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_MONTAGE_NOTICE, category=FutureWarning)
+        mne.utils.logger.addFilter(notice)
+        try:
+            yield
+        finally:
+            mne.utils.logger.removeFilter(notice)
 
 
 def _is_dataset_key(key: str) -> bool:
@@ -368,7 +395,8 @@ class MOABBDataModule(EpisodicDataModule):
         roots = {Path(p) for p in (mne_data_folder(), *_dataset_folders().values())}
         folders_before = {root: _folders(root) for root in roots}
         try:
-            x, y, _ = self.paradigm.get_data(dataset=self.dataset, subjects=[subject])
+            with _quiet_mne():
+                x, y, _ = self.paradigm.get_data(dataset=self.dataset, subjects=[subject])
         except Exception as error:  # MNE/MOABB raise many kinds
             message = (
                 f"could not load subject {subject} of {self.dataset.code} through "

@@ -478,3 +478,29 @@ def test_no_query_trial_of_a_held_out_subject_reaches_anything_fitted(tmp_path):
 def test_an_unknown_alignment_is_refused(tmp_path):
     with pytest.raises(ValueError, match="`alignment` must be one of .*'euclidean'.*got 'ea'"):
         _module(tmp_path, alignment="ea")
+
+
+@needs_real_eeg
+def test_loading_a_real_subject_prints_and_warns_nothing_a_user_cannot_act_on(
+    tmp_path, monkeypatch, capfd
+):
+    from moabb.datasets import PhysionetMI
+
+    data = tmp_path / "mne_data"
+    shutil.copytree(REAL_EEG, data)
+    for key in ("MNE_DATA", "MNE_DATASETS_EEGBCI_PATH"):
+        monkeypatch.setenv(key, str(data))
+    monkeypatch.setenv("MOABB_DOWNLOAD_PROVIDER", "upstream")
+    dm = MOABBDataModule(
+        PhysionetMI(imagined=True, executed=False), "LeftRightImagery", {"resample": 80},
+        train_subjects=[1], val_subjects=[], test_subjects=[2], cache_dir=None,
+        dataset_attributes={"hand_runs": [4], "feet_runs": []},
+    )  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        x, _ = dm.load_subject(1)
+    assert x.shape == (15, 64, 240)
+    assert not [str(w.message) for w in caught if "Montage" in str(w.message)]
+    printed = capfd.readouterr()
+    assert "Used Annotations" not in printed.out + printed.err
+    assert "Montage name" not in printed.out + printed.err
