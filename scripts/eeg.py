@@ -29,7 +29,9 @@ own trials, a test subject's episode by its support trials alone).
 Hyper-parameters: with ``--selection-subjects`` (default 1-9), every candidate of the grid (each
 network method's ``alignment`` and ``eval_steps``) is scored leave-one-subject-out *within* those
 subjects (each fold training on the other selection subjects), the best candidate of each method
-by its mean accuracy at the largest two K is kept, and so is the best MAML-family method; the table
+by its mean accuracy at the largest two K is kept, and so is the best MAML-family method
+(``--selection-methods`` scores some methods only: the rest of the family then takes MAML's
+setting, joint MAML's, scratch joint's); the table
 is then computed on ``--test-subjects`` (default 10-19), each fold training on every other
 subject of ``--subjects``, with the chosen settings. ``--train-subjects`` trains once on those
 subjects instead and calibrates each test subject (a lab's own subjects, new users).
@@ -78,6 +80,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--subjects", default="1-19", help="every subject a fold may train on (default 1-19)")
     add("--test-subjects", default="10-19", help="subjects scored in the table")
     add("--selection-subjects", default="1-9", help="subjects hyper-parameters are chosen on")
+    add(
+        "--selection-methods",
+        default=None,
+        help="network methods whose settings are chosen on the selection subjects (default: all "
+        "of --methods); the others take a chosen one's: the MAML family MAML's, scratch joint's",
+    )
     add("--train-subjects", default=None, help="train once on these instead of on all others")
     add("--methods", default=",".join(NETWORKS + CLASSICAL))
     add("--k-shots", default="1,5,10", help="labelled trials per class of a test subject")
@@ -111,6 +119,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.train_subjects is not None:
         args.train_subjects = _subjects(args.train_subjects)
     args.methods = _values(args.methods, str)
+    networks = [m for m in args.methods if m in NETWORKS]
+    args.selection_methods = (
+        networks if args.selection_methods is None else _values(args.selection_methods, str)
+    )
+    if not set(args.selection_methods) <= set(networks):
+        parser.error(f"--selection-methods {args.selection_methods} must be network --methods")
     args.k_shots = _values(args.k_shots, int)
     args.alignment = _values(args.alignment, str)
     args.eval_steps = _values(args.eval_steps, int)
@@ -439,12 +453,14 @@ def run_method(fold: dict, method: str, settings: list[dict], args, cache: dict)
     return rows
 
 
-def run_stage(folds: list[dict], args, chosen: dict | None, stage: str) -> list[dict]:
+def run_stage(
+    folds: list[dict], args, chosen: dict | None, stage: str, methods: list[str]
+) -> list[dict]:
     """Every method on every fold, each (fold, method) read from its stored result where one
     with the same settings exists, else computed and stored."""
     store = Path(args.out) / "folds"
     store.mkdir(parents=True, exist_ok=True)
-    units = [(fold, method) for fold in folds for method in args.methods]
+    units = [(fold, method) for fold in folds for method in methods]
     progress = tqdm(total=len(units), desc=stage, disable=args.no_progress_bar)
     rows: list[dict] = []
     cache: dict = {}
@@ -477,9 +493,14 @@ def folds_of(test_subjects: list[int], pool: list[int], fixed_train: list[int] |
 # ---- selection and summaries ----------------------------------------------------------------
 
 
+#: where a network method not scored in selection takes its settings from
+INHERIT = {"fomaml": "maml", "anil": "maml", "metasgd": "maml", "joint": "maml", "scratch": "joint"}
+
+
 def choose(rows: list[dict], args: argparse.Namespace) -> tuple[dict, str]:
-    """Each network method's best setting by its mean accuracy over the selection folds at the
-    largest two K, and the best MAML-family method by the same score."""
+    """Each selected network method's best setting by its mean accuracy over the selection folds
+    at the largest two K (the others take a selected method's, :data:`INHERIT`), and the best
+    selected MAML-family method by the same score."""
     ks = sorted(args.k_shots)[-2:]
 
     def score(method: str, setting: dict) -> float:
@@ -492,10 +513,18 @@ def choose(rows: list[dict], args: argparse.Namespace) -> tuple[dict, str]:
         return float(np.mean(cells))
 
     chosen, scores = {}, {}
-    for method in (m for m in args.methods if m in NETWORKS):
+    for method in args.selection_methods:
         chosen[method] = max(candidates(method, args, None), key=lambda s: score(method, s))
         scores[method] = score(method, chosen[method])
-    family = [m for m in args.methods if m in FAMILY]
+    for method in (m for m in args.methods if m in NETWORKS and m not in chosen):
+        source = INHERIT.get(method)
+        while source is not None and source not in chosen:
+            source = INHERIT.get(source)
+        setting = dict(chosen[source]) if source else candidates(method, args, None)[0]
+        if method == "scratch":  # its own number of steps
+            setting["eval_steps"] = args.scratch_steps
+        chosen[method] = setting
+    family = [m for m in args.selection_methods if m in FAMILY]
     best = max(family, key=lambda m: scores[m]) if family else None
     return chosen, best
 
@@ -623,6 +652,7 @@ def main(args: argparse.Namespace) -> None:
             args,
             None,
             "selection folds x methods",
+            args.selection_methods,
         )
         chosen, best = choose(selection, args)
         report.update(selection_rows=selection, chosen=chosen, best_family_method=best)
@@ -634,6 +664,7 @@ def main(args: argparse.Namespace) -> None:
         args,
         chosen,
         "test folds x methods",
+        args.methods,
     )
     total = time.perf_counter() - start
     summary = summarise(rows, args)
