@@ -342,10 +342,11 @@ def test_empty_data_folder_settings_name_the_folder_mne_used_and_leave_it_clean(
 
 
 @needs_real_eeg
-def test_the_shipped_physionet_config_trains_on_all_five_real_subjects(tmp_path, monkeypatch):
-    """The real path end to end, offline: MOABB's PhysionetMI and LeftRightImagery load all five
-    subjects from a copy of the data, and one short fold (subjects 1-3 meta-train, 4 validates, 5
-    is held out) meta-trains and tests through the shipped config."""
+def test_the_shipped_physionet_config_trains_on_real_subjects(tmp_path, monkeypatch):
+    """The real path end to end, offline: the shipped config meta-trains on all 19 subjects (its
+    data, checked); one short fold of it (subjects 1-3 meta-train, 4 validates, 5 is held out)
+    loads them through MOABB's PhysionetMI and LeftRightImagery from a copy of the data,
+    meta-trains and tests."""
     import yaml
 
     from lightning_maml.cli import build_cli
@@ -358,9 +359,14 @@ def test_the_shipped_physionet_config_trains_on_all_five_real_subjects(tmp_path,
     config = yaml.safe_load(
         (Path(__file__).resolve().parents[2] / "configs" / "eeg_physionet.yaml").read_text()
     )
+    shipped = config["data"]["init_args"]
+    assert shipped["train_subjects"] == list(range(1, 20))
+    assert shipped["dataset_attributes"]["hand_runs"] == [4, 8, 12]
     config["trainer"].update(max_steps=2, enable_progress_bar=False, default_root_dir=str(tmp_path))
+    config["trainer"].pop("limit_val_batches")
     config["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path)
-    config["data"]["init_args"].update(num_eval_episodes=2, episodes_per_epoch=8)
+    shipped.update(num_eval_episodes=2, episodes_per_epoch=8)
+    shipped.update(train_subjects=[1, 2, 3], val_subjects=[4], test_subjects=[5])
     path = tmp_path / "physionet.yaml"
     path.write_text(yaml.safe_dump(config))
     cli = build_cli(["fit", "--config", str(path)])
@@ -368,7 +374,7 @@ def test_the_shipped_physionet_config_trains_on_all_five_real_subjects(tmp_path,
     dm = cli.datamodule
     assert dm.classes == ["left_hand", "right_hand"]
     shapes = {split: tuple(x.shape) for split, (x, _, _) in dm.data.items()}
-    assert shapes == {"train": (45, 64, 240), "val": (15, 64, 240), "test": (15, 64, 240)}
+    assert shapes == {"train": (135, 64, 240), "val": (45, 64, 240), "test": (45, 64, 240)}
     subjects = {split: sorted(set(ids.tolist())) for split, (_, _, ids) in dm.data.items()}
     assert subjects == {"train": [1, 2, 3], "val": [4], "test": [5]}
     # each trial standardised on its own
