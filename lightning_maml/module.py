@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Mapping, Sequence
 from copy import deepcopy
 from typing import Any, Literal
@@ -24,6 +23,7 @@ from lightning_maml._checks import (
     check_inner_steps,
     check_vectorize,
 )
+from lightning_maml._imports import import_by_path
 from lightning_maml.episode import Episode
 from lightning_maml.functional import (
     Algorithm,
@@ -113,27 +113,19 @@ def describe_network(net: nn.Module) -> dict[str, Any] | None:
     """  # noqa: E501
     cls, args = type(net), getattr(net, "init_args", None)
     path = f"{cls.__module__}.{cls.__qualname__}"
-    if not isinstance(args, Mapping) or "<" in path or _import_class(path) is not cls:
+    if not isinstance(args, Mapping) or "<" in path or import_by_path(path) is not cls:
         return None
     return {"class_path": path, "init_args": dict(args)}
 
 
 def build_network(description: Mapping[str, Any]) -> nn.Module:
     """The network a :func:`describe_network` description (or a LightningCLI config) gives."""
-    cls = _import_class(str(description.get("class_path")))
+    cls = import_by_path(str(description.get("class_path")))
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise TypeError(
             f"`net` {dict(description)!r} does not name an nn.Module class by its import path"
         )
     return cls(**dict(description.get("init_args") or {}))
-
-
-def _import_class(path: str) -> Any:
-    module, _, name = path.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError):
-        return None
 
 
 class MAMLModule(pl.LightningModule):

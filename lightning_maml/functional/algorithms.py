@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-import importlib
 import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
@@ -40,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_maml._checks import check_count
+from lightning_maml._imports import import_by_path
 from lightning_maml.functional.inner import Schedule, adapt_parameters
 from lightning_maml.functional.losses import LossFn, scalar_loss
 from lightning_maml.functional.parameters import forward
@@ -405,17 +405,9 @@ def describe_algorithm(algorithm: Algorithm) -> dict[str, Any]:
     """  # noqa: E501
     cls = type(algorithm)
     path = f"{cls.__module__}.{cls.__qualname__}"
-    if "<" in path or _import(path) is not cls:
+    if "<" in path or import_by_path(path) is not cls:
         raise TypeError(f"{cls.__name__} cannot be imported as {path!r}")
     return {"class_path": path, "init_args": algorithm.init_args()}
-
-
-def _import(path: str) -> Any:
-    module, _, name = path.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError):
-        return None
 
 
 def resolve_algorithm(algorithm: str | Algorithm | Mapping[str, Any]) -> Algorithm:
@@ -435,7 +427,7 @@ def resolve_algorithm(algorithm: str | Algorithm | Mapping[str, Any]) -> Algorit
     if isinstance(algorithm, str) and algorithm in _REGISTRY:
         return _REGISTRY[algorithm]()
     if isinstance(algorithm, Mapping) and set(algorithm) <= {"class_path", "init_args"}:
-        cls = _import(str(algorithm.get("class_path")))
+        cls = import_by_path(str(algorithm.get("class_path")))
         if isinstance(cls, type) and issubclass(cls, Algorithm):
             return cls(**dict(algorithm.get("init_args") or {}))
     raise ValueError(

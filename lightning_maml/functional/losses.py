@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from lightning_maml._imports import import_by_path
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -85,13 +86,7 @@ def resolve_loss(loss: str | LossFn) -> LossFn:
 
 
 def _import_callable(path: str) -> LossFn | None:
-    module, _, name = path.rpartition(".")
-    if not module:
-        return None
-    try:
-        value = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError):
-        return None
+    value = import_by_path(path)
     return value if callable(value) else None
 
 
