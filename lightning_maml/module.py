@@ -336,6 +336,10 @@ class MAMLModule(pl.LightningModule):
         self.__dict__["optimizers_from"] = optimizers_from
         self.last_meta_output: MetaLossOutput | None = None
         self._classes_checked = False
+        # the last training step's per-task values, folded into the epoch means at its end
+        # (None once skipped as non-finite), and its episode and index, for a non-finite message
+        self._step_values: dict[str, Tensor] | None = None
+        self._last_step: tuple[Episode, int] | None = None
         # per-epoch (sum, count) of the training values; folded into train_metrics at epoch end
         self._train_totals: dict[str, tuple[Tensor, int]] = {}
         names = ["query_loss_before", "query_loss_after"]
@@ -509,7 +513,7 @@ class MAMLModule(pl.LightningModule):
         return out.loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        values, self._step_values = getattr(self, "_step_values", None), None
+        values, self._step_values = self._step_values, None
         if values is None:  # skipped for non-finite values
             return
         for name, value in values.items():
@@ -673,6 +677,7 @@ class MAMLModule(pl.LightningModule):
         params, constants = split_parameters(self.net)
         params = {name: p.detach() for name, p in params.items()}
         learned = {name: t.detach() for name, t in self.algorithm.learned().items()}
+        names = algorithm.adapted(params)
         training = self.net.training
         self.net.eval()  # adapted as in validation and test: no dropout
         try:
@@ -684,10 +689,10 @@ class MAMLModule(pl.LightningModule):
                     self.loss_fn,
                     support_x,
                     support_y,
-                    algorithm.rates(self.inner_lr, learned, algorithm.adapted(params)),
+                    algorithm.rates(self.inner_lr, learned, names),
                     steps,
                     first_order=True,
-                    adapt=algorithm.adapted(params),
+                    adapt=names,
                 )
         finally:
             self.net.train(training)
