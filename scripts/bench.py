@@ -7,6 +7,9 @@ Variants, all on the same batch and checked to give the same gradient (to 1e-5) 
   -- per task, the parameters cloned as non-leaf tensors, ``torch.autograd.grad(...,
   create_graph=True)`` for each inner step, the query loss's ``.backward()`` before the next task
   -- the baseline of the ratio column;
+- ``autograd loop, layered net`` (EEGNet only): the same loop on ``EEGNet(fused=False)``, the
+  standard layer-by-layer computation of the same function (what learn2learn's algorithm costs on
+  the EEGNet of other libraries);
 - ``wrapper loop``: the same loop through ``lightning_maml.MAML`` (clone, adapt, backward);
 - ``engine loop`` / ``engine vmap``: ``lightning_maml.functional.meta_loss`` with the tasks in a
   Python loop (each task's gradient taken before the next runs) / under ``torch.func.vmap``;
@@ -90,6 +93,9 @@ class Workload:
     datamodule: Callable[[], pl.LightningDataModule | DataLoader]
     warmup: int = 3
     fit_steps: int = 300  # timed Trainer.fit steps: enough to include its logging steps
+    #: the same network computed layer by layer (EEGNet(fused=False)), for a row of the autograd
+    #: loop on it: what learn2learn's algorithm costs on the standard formulation
+    make_layered: Callable[[], nn.Module] | None = None
 
 
 def sinusoid_workload(steps: int, algorithm: str) -> Workload:
@@ -127,6 +133,7 @@ def eegnet_workload(steps: int) -> Workload:
         lambda: DataLoader(TaskSet(batch), batch_size=4),
         warmup=1,
         fit_steps=20,
+        make_layered=lambda: EEGNet(22, 256, 4, sampling_rate=128, dropout=0.0, fused=False),
     )
 
 
@@ -260,6 +267,24 @@ def make_variants(
     }
     if compile:
         steps["engine compiled"] = lambda: engine_meta_gradient(net, w, batch, "auto", compile)
+    if w.make_layered is not None:
+        layered = w.make_layered().to(device)
+        layered.load_state_dict(net.state_dict())
+        layered_optimizer = torch.optim.Adam(layered.parameters(), lr=1e-3)
+
+        def layered_iteration() -> None:
+            layered_optimizer.zero_grad()
+            autograd_loop_meta_gradient(layered, w, batch)
+            layered_optimizer.step()
+            if device == "cuda":
+                torch.cuda.synchronize()
+
+        if check:
+            layered.zero_grad()
+            autograd_loop_meta_gradient(layered, w, batch)
+            reference = gradients(net, lambda: autograd_loop_meta_gradient(net, w, batch))
+            for a, b in zip(reference, (p.grad for p in layered.parameters())):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"{w.name}: layered")
     if check:
         reference = gradients(net, steps["autograd loop"])
         for name, step in steps.items():  # compiled variants compile here
@@ -273,7 +298,10 @@ def make_variants(
         if device == "cuda":
             torch.cuda.synchronize()
 
-    return {name: partial(iteration, step) for name, step in steps.items()}
+    variants = {name: partial(iteration, step) for name, step in steps.items()}
+    if w.make_layered is not None:
+        variants["autograd loop, layered net"] = layered_iteration
+    return variants
 
 
 def bench_workload(w: Workload, iterations: int, device: str, compile: bool | str) -> list[dict]:
