@@ -125,8 +125,6 @@ def main() -> None:
     """Entry point of the ``lightning-maml`` console script and ``python -m lightning_maml``."""
     # raised inside Lightning 2.6 on every run (torch deprecated LeafSpec); nothing to act on
     warnings.filterwarnings("ignore", message=r".*LeafSpec", category=FutureWarning)
-    # the task streams split their batches between DataLoader workers: their lengths are exact
-    warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
     build_cli()
     end_process_group()  # under DDP on CPU, see end_process_group
 

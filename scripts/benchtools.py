@@ -21,15 +21,10 @@ from lightning_maml.functional import meta_loss
 
 def quiet_lightning_info() -> None:
     """Leave Lightning's information lines (accelerator banners and tips, printed for every
-    Trainer, 'max_steps reached') out of a script's output, and two warnings that do not apply
-    to these scripts; other warnings stay.
-
-    The two: Lightning's caution that an ``IterableDataset`` with ``__len__`` may yield duplicates
-    across DataLoader workers (the task streams split their batches between workers, so their
-    lengths are exact), and torch's deprecation of ``LeafSpec``, raised inside Lightning.
+    Trainer, 'max_steps reached') out of a script's output, and torch's deprecation of
+    ``LeafSpec``, raised inside Lightning; other warnings stay.
     """
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
     warnings.filterwarnings("ignore", message=r".*LeafSpec", category=FutureWarning)
 
 

@@ -106,6 +106,10 @@ class FewShotDataModule(EpisodicDataModule):
     epoch (different ones on each DDP rank) and resumes mid-epoch from checkpoints; validation
     and test use fixed episode sets.
 
+    A validation or test loader (``val_dataloader``, ``test_dataloader``) exists only for a split
+    that has data, as with ``LightningDataModule.from_datasets``: without a validation split
+    ``Trainer.fit`` trains without validating, quietly.
+
     Args:
         dataset: one dataset to split.
         train: the meta-training dataset, instead of ``dataset``.
@@ -133,8 +137,9 @@ class FewShotDataModule(EpisodicDataModule):
 
     Raises:
         ValueError: on counts below 1, both or neither of ``dataset`` and ``train``, labels that
-            are not integers, overlapping splits, an empty split, or a split with too few samples
-            per class for an episode (naming task and class), when ``setup`` runs.
+            are not integers, overlapping splits, an empty split (a nonzero fraction that gives
+            no class included), or a split with too few samples per class for an episode (naming
+            task and class), when ``setup`` runs.
 
     Example::
 
@@ -204,6 +209,20 @@ class FewShotDataModule(EpisodicDataModule):
         self.splits: dict[str, tuple[Dataset, np.ndarray, np.ndarray]] = {}
         #: per split: its classes (or groups, with ``groups``)
         self.split_classes: dict[str, list] = {}
+        # a validation or test loader only for a split that has data: Lightning then skips the
+        # stage without one (as for LightningDataModule.from_datasets), instead of warning about
+        # an empty one
+        for split in self.present_splits()[1:]:
+            setattr(self, f"{split}_dataloader", getattr(self, f"_{split}_loader"))
+
+    def present_splits(self) -> list[str]:
+        """The splits this data module serves, known at construction: ``train`` and the others
+        that have a dataset, a nonzero fraction or given classes."""
+        if self.dataset is None:
+            return [s for s in SPLITS if self.datasets[s] is not None]
+        if self.classes is not None:
+            return ["train"] + [s for s in SPLITS[1:] if self.classes.get(s)]
+        return ["train"] + [s for s, f in zip(SPLITS[1:], self.fractions[1:]) if f > 0]
 
     @classmethod
     def from_datamodule(
@@ -272,6 +291,13 @@ class FewShotDataModule(EpisodicDataModule):
             order = np.random.default_rng(self.seed).permutation(len(available))
             shuffled = [available[i] for i in order]
             counts = _shares(self.fractions, len(available))
+            empty = [s for s, f, c in zip(SPLITS, self.fractions, counts) if f > 0 and c == 0]
+            if empty:
+                raise ValueError(
+                    f"`fractions` {self.fractions} of the {len(available)} classes (or groups) "
+                    f"leave the {' and '.join(empty)} split(s) empty: a larger share, or 0 for "
+                    "no such split"
+                )
             chosen, start = {}, 0
             for split, count in zip(SPLITS, counts):
                 chosen[split], start = shuffled[start : start + count], start + count
@@ -357,13 +383,17 @@ class FewShotDataModule(EpisodicDataModule):
         except ValueError as error:
             raise ValueError(f"{split} split: {error}") from None
 
-    def _split_loader(self, split: str) -> DataLoader | list:
-        if split not in self.splits:
-            return []  # no such split: nothing to validate or test on
-        return self._fixed_loader(split, self.num_workers)
+    def _val_loader(self) -> DataLoader:
+        return self._fixed_loader("val", self.num_workers)
 
-    def val_dataloader(self) -> DataLoader | list:
-        return self._split_loader("val")
+    def _test_loader(self) -> DataLoader:
+        return self._fixed_loader("test", self.num_workers)
 
-    def test_dataloader(self) -> DataLoader | list:
-        return self._split_loader("test")
+    def predict_dataloader(self) -> DataLoader:
+        """The test split's episodes, for ``trainer.predict``."""
+        if "test" not in self.present_splits():
+            raise ValueError(
+                "this FewShotDataModule has no test split to predict on: give `test`, a test "
+                "fraction above 0, or test classes"
+            )
+        return self._test_loader()

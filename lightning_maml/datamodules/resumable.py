@@ -16,9 +16,9 @@ class ResumableLoader(DataLoader):
     """A training ``DataLoader`` that continues a task stream where a resumed run left it.
 
     When the first batch of a pass is drawn, the loader takes its position ``(epoch,
-    first_batch)`` (see :meth:`position`) and starts there: a dataset with ``set_position(epoch,
-    first_batch)`` is told so before any worker starts (and makes the batches from
-    ``first_batch`` on); with any other dataset the batches before ``first_batch`` are drawn and
+    first_batch)`` (see :meth:`position`) and starts there: a sampler or dataset with
+    ``set_position(epoch, first_batch)`` is told so before any worker starts (and yields the
+    batches from ``first_batch`` on); otherwise the batches before ``first_batch`` are drawn and
     discarded, after any distributed sampler has taken its share, so each rank skips its own. A
     dataset's ``set_epoch(epoch)`` is called too.
 
@@ -89,8 +89,11 @@ class ResumableLoader(DataLoader):
                 first_batch = restored_first
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)
-        if hasattr(self.dataset, "set_position"):
-            self.dataset.set_position(epoch, first_batch)
+        positioned = next(
+            (o for o in (self.sampler, self.dataset) if hasattr(o, "set_position")), None
+        )
+        if positioned is not None:
+            positioned.set_position(epoch, first_batch)
             yield from super().__iter__()
             return
         iterator = super().__iter__()

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lightning_maml._checks import check_count
 from lightning_maml.datamodules.resumable import ResumableLoader
@@ -70,16 +70,20 @@ def _rank_and_world_size() -> tuple[int, int]:
     return 0, 1
 
 
-class SinusoidTaskStream(IterableDataset):
-    """Fresh random meta-batches, ``batches_per_epoch`` of them per pass.
+class SinusoidBatches(Dataset):
+    """The training meta-batches of one epoch: item ``b`` is batch ``b`` of epoch ``epoch``.
 
-    Batch ``b`` of pass ``e`` is drawn from a generator keyed by ``(seed, e, b)``: the global batch
-    holds ``meta_batch_size * world_size`` tasks, and each distributed rank takes its own slice, so
+    Batch ``b`` of epoch ``e`` is drawn from a generator keyed by ``(seed, e, b)``: the global batch
+    holds ``meta_batch_size * world_size`` tasks and rank ``rank`` takes its own slice of it, so
     ranks see different tasks and the union over ranks does not depend on the number of processes.
-    DataLoader workers split the batches between them. A pass yields the batches ``first_batch``
-    to ``batches_per_epoch - 1`` of epoch ``epoch`` (see :meth:`set_position`, which a
-    :class:`~lightning_maml.datamodules.resumable.ResumableLoader` calls before every pass);
-    iterated directly, successive passes are epochs ``start_epoch``, ``start_epoch + 1``, ...
+    :meth:`set_epoch` moves it to another epoch's batches.
+
+    Example::
+
+        >>> kwargs = SinusoidDataModule(k_shot=5).sampler_kwargs
+        >>> batches = SinusoidBatches(kwargs, meta_batch_size=4, batches_per_epoch=3, seed=0)
+        >>> len(batches), batches[2].support_x.shape
+        (3, torch.Size([4, 5, 1]))
     """
 
     def __init__(
@@ -88,38 +92,65 @@ class SinusoidTaskStream(IterableDataset):
         meta_batch_size: int,
         batches_per_epoch: int,
         seed: int,
-        start_epoch: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
-        super().__init__()
         self.sampler_kwargs = sampler_kwargs
         self.meta_batch_size = meta_batch_size
         self.batches_per_epoch = batches_per_epoch
         self.seed = seed
-        self.epoch, self.first_batch = start_epoch, 0
-        self._positioned = False
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
 
-    def set_position(self, epoch: int, first_batch: int = 0) -> None:
-        """The next pass yields batches ``first_batch`` onwards of epoch ``epoch``."""
-        self.epoch, self.first_batch, self._positioned = epoch, first_batch, True
+    def set_epoch(self, epoch: int) -> None:
+        """Batches of ``epoch`` from now on."""
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return self.batches_per_epoch
 
-    def __iter__(self) -> Iterator[Episode]:
-        epoch, first = self.epoch, self.first_batch
-        if not self._positioned:  # iterated directly: the next pass is the next epoch
-            self.epoch, self.first_batch = epoch + 1, 0
-        self._positioned = False
-        rank, world_size = _rank_and_world_size()
-        worker = get_worker_info()
-        worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
-        lo, hi = rank * self.meta_batch_size, (rank + 1) * self.meta_batch_size
-        for b in range(first + worker_id, self.batches_per_epoch, num_workers):
-            generator = seeded_generator(self.seed, _TRAIN, epoch, b)
-            tasks = sample_sinusoid_tasks(
-                self.meta_batch_size * world_size, generator=generator, **self.sampler_kwargs
-            )
-            yield Episode(*(t[lo:hi] for t in tasks))
+    def __getitem__(self, index: int) -> Episode:
+        if not 0 <= index < self.batches_per_epoch:
+            raise IndexError(f"batch {index} out of range({self.batches_per_epoch})")
+        generator = seeded_generator(self.seed, _TRAIN, self.epoch, index)
+        tasks = sample_sinusoid_tasks(
+            self.meta_batch_size * self.world_size, generator=generator, **self.sampler_kwargs
+        )
+        lo, hi = self.rank * self.meta_batch_size, (self.rank + 1) * self.meta_batch_size
+        return Episode(*(t[lo:hi] for t in tasks))
+
+
+class BatchOrder(DistributedSampler):
+    """The batches of :class:`SinusoidBatches` in order, the same indices on every rank (each
+    rank's dataset takes its own slice of every batch), from the ``first_batch`` of the last
+    :meth:`set_position` on (a :class:`~lightning_maml.datamodules.resumable.ResumableLoader`
+    sets it before every pass).
+
+    It is a ``DistributedSampler`` so that Lightning keeps it under DDP: Lightning replaces a
+    training loader's other samplers with one that deals the batches out between the ranks,
+    which would change which tasks each step sees with the number of processes.
+    """
+
+    def __init__(self, batches: SinusoidBatches) -> None:
+        super().__init__(batches, num_replicas=batches.world_size, rank=batches.rank, shuffle=False)
+        self.batches = batches
+        self.first_batch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.batches.set_epoch(epoch)
+
+    def set_position(self, epoch: int, first_batch: int = 0) -> None:
+        """The next pass yields batches ``first_batch`` onwards of epoch ``epoch``."""
+        self.set_epoch(epoch)
+        self.first_batch = first_batch
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[int]:
+        # not reset here: a DataLoader with workers creates its sampler iterator twice
+        return iter(range(self.first_batch, len(self.batches)))
 
 
 class TaskSet(Dataset):
@@ -231,12 +262,19 @@ class SinusoidDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Fresh tasks every batch; a run resumed from any checkpoint (mid-epoch, with workers,
         under DDP) continues with the batch the interrupted run would have drawn next."""
-        stream = SinusoidTaskStream(
-            self.sampler_kwargs, self.meta_batch_size, self.batches_per_epoch, self.seed
+        rank, world_size = _rank_and_world_size()
+        batches = SinusoidBatches(
+            self.sampler_kwargs,
+            self.meta_batch_size,
+            self.batches_per_epoch,
+            self.seed,
+            rank,
+            world_size,
         )
         return ResumableLoader(
-            stream,
+            batches,
             batch_size=None,
+            sampler=BatchOrder(batches),
             num_workers=self.num_workers,
             trainer_fn=lambda: self.trainer,
         )

@@ -1,12 +1,16 @@
 """FewShotDataModule: lazy episodes from map-style datasets, class/group splits, errors, DDP."""
 
 import multiprocessing
+import warnings
 
 import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from tasks import quiet_trainer
+from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
 from lightning_maml import MAMLModule
@@ -81,7 +85,8 @@ def test_classes_are_split_disjointly_and_episodes_use_their_split_only():
         meta_batch_size=8,
     )
     dm.setup()
-    assert dm.val_dataloader() == []  # no val classes: nothing to validate on
+    assert not is_overridden("val_dataloader", dm)  # no val classes: no validation loader
+    assert is_overridden("test_dataloader", dm)
     for split, allowed in (("train", {0, 1, 2, 3, 4, 5}), ("test", {7, 8, 9})):
         loader = dm.train_dataloader() if split == "train" else dm.test_dataloader()
         for batch in loader:
@@ -291,3 +296,31 @@ def test_a_split_with_fewer_classes_than_n_way_names_fractions_n_way_and_the_cou
     ):
         FewShotDataModule(data).setup("fit")
     FewShotDataModule(data, fractions=(0.5, 0.25, 0.25)).setup("fit")  # the advice works
+
+
+def test_without_a_validation_split_fit_trains_quietly_and_test_names_the_missing_loader():
+    data = TensorDataset(torch.randn(200, 3), torch.arange(10).repeat(20))
+    dm = FewShotDataModule(
+        data, fractions=(0.6, 0.0, 0.0), n_way=2, k_shot=2, query_size=2, episodes_per_epoch=4
+    )
+    module = MAMLModule(nn.Linear(3, 2), loss="cross_entropy", inner_lr=0.1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_trainer(max_steps=2).fit(module, dm)
+    # what Lightning says of any project without a validation loader, not "Total length of
+    # `list` across ranks is zero" for an empty one
+    messages = [
+        str(w.message) for w in caught if "LeafSpec" not in str(w.message)
+    ]  # torch's, in Lightning
+    assert all("Skipping val loop" in m for m in messages), messages
+    with pytest.raises(MisconfigurationException, match="test_dataloader"):
+        quiet_trainer().test(module, dm)
+    with pytest.raises(ValueError, match="no test split to predict on"):
+        dm.predict_dataloader()
+
+
+def test_a_nonzero_fraction_that_gives_no_class_is_refused():
+    data = TensorDataset(torch.randn(100, 3), torch.arange(10).repeat(10))
+    dm = FewShotDataModule(data, fractions=(0.9, 0.04, 0.06), n_way=2)
+    with pytest.raises(ValueError, match=r"leave the val split\(s\) empty"):
+        dm.setup()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lightning_maml.datamodules import SinusoidDataModule, sample_sinusoid_tasks
-from lightning_maml.datamodules.sinusoid import SinusoidTaskStream
+from lightning_maml.datamodules.sinusoid import SinusoidBatches
 
 
 def test_tasks_follow_the_paper_distribution():
@@ -40,13 +40,26 @@ def test_validation_and_test_tasks_are_fixed_and_training_tasks_fresh():
 def test_ranks_draw_disjoint_slices_of_the_single_process_batch(monkeypatch):
     import lightning_maml.datamodules.sinusoid as sinusoid
 
-    kwargs = SinusoidDataModule(k_shot=3).sampler_kwargs
-    single = next(iter(SinusoidTaskStream(kwargs, 6, 1, seed=5)))
+    data = SinusoidDataModule(k_shot=3, meta_batch_size=6, batches_per_epoch=2, seed=5)
+    single = list(data.train_dataloader())
     parts = []
     for rank in (0, 1):
         monkeypatch.setattr(sinusoid, "_rank_and_world_size", lambda r=rank: (r, 2))
-        parts.append(next(iter(SinusoidTaskStream(kwargs, 3, 1, seed=5))))
-    torch.testing.assert_close(torch.cat([p.support_x for p in parts]), single.support_x)
+        half = SinusoidDataModule(k_shot=3, meta_batch_size=3, batches_per_epoch=2, seed=5)
+        parts.append(list(half.train_dataloader()))
+    for b, whole in enumerate(single):
+        joined = torch.cat([part[b].support_x for part in parts])
+        torch.testing.assert_close(joined, whole.support_x)
+    kwargs = data.sampler_kwargs
+    assert torch.equal(SinusoidBatches(kwargs, 3, 2, 5, 1, 2)[1].query_y, single[1].query_y[3:])
+
+
+def test_the_training_loader_is_map_style_with_a_distributed_sampler_lightning_keeps():
+    from torch.utils.data import DistributedSampler, IterableDataset
+
+    loader = SinusoidDataModule(meta_batch_size=2, batches_per_epoch=3).train_dataloader()
+    assert not isinstance(loader.dataset, IterableDataset)  # no "IterableDataset has __len__"
+    assert isinstance(loader.sampler, DistributedSampler) and len(loader) == 3
 
 
 def test_workers_split_batches_without_repeats():
