@@ -36,7 +36,6 @@ from lightning_maml.functional import (
     split_parameters,
 )
 from lightning_maml.functional.algorithms import describe_algorithm, split_prefixed
-from lightning_maml.functional.inner import adapt_parameters
 from lightning_maml.functional.losses import cross_entropy_loss, describe_loss
 from lightning_maml.functional.meta_loss import AlgorithmName, Vectorize
 from lightning_maml.functional.parameters import forward, task_batch_norm
@@ -652,7 +651,9 @@ class MAMLModule(pl.LightningModule):
         standalone copy of the network whose parameters are the meta-parameters after the
         algorithm's inner updates on ``support_x`` (``[K, *features]``) and ``support_y``
         (``[K, *targets]``), ``steps`` of them (default ``eval_inner_steps``), with its learned
-        step sizes where it has them; only the parameters the algorithm adapts change.
+        step sizes where it has them; only the parameters the algorithm adapts change, from where
+        the algorithm starts a task (ProtoMAML: the head from the class prototypes) and by its own
+        inner rule (iMAML: the regularised steps).
 
         The copy is a plain ``nn.Module`` in eval mode with no graph to this module, which is left
         unchanged: use it for inference, save it, export it. The adaptation runs as in validation
@@ -673,26 +674,23 @@ class MAMLModule(pl.LightningModule):
         steps = self.eval_inner_steps if steps is None else check_inner_steps(steps, "steps")
         # one task, its support set standing in for the query set: the episode's checks
         check_episode(support_x[None], support_y[None], support_x[None], support_y[None])
-        algorithm = self.algorithm.with_order(first_order=True)
         params, constants = split_parameters(self.net)
         params = {name: p.detach() for name, p in params.items()}
         learned = {name: t.detach() for name, t in self.algorithm.learned().items()}
-        names = algorithm.adapted(params)
         training = self.net.training
         self.net.eval()  # adapted as in validation and test: no dropout
         try:
             with torch.inference_mode(False), torch.enable_grad(), task_batch_norm(self.net):
-                adapted = adapt_parameters(
+                adapted = self.algorithm.adapt_values(
                     self.net,
-                    params,
-                    constants,
                     self.loss_fn,
+                    params,
+                    learned,
+                    constants,
                     support_x,
                     support_y,
-                    algorithm.rates(self.inner_lr, learned, names),
-                    steps,
-                    first_order=True,
-                    adapt=names,
+                    inner_lr=self.inner_lr,
+                    inner_steps=steps,
                 )
         finally:
             self.net.train(training)

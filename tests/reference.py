@@ -164,3 +164,177 @@ def directional_derivative(
     plus = {n: (p.detach() + eps * direction[n]).requires_grad_() for n, p in params.items()}
     minus = {n: (p.detach() - eps * direction[n]).requires_grad_() for n, p in params.items()}
     return float((fn(plus).detach() - fn(minus).detach()) / (2 * eps))
+
+
+def _flat(tensors: dict[str, Tensor]) -> Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors.values()])
+
+
+def _unflat(vector: Tensor, like: dict[str, Tensor]) -> dict[str, Tensor]:
+    out, i = {}, 0
+    for n, t in like.items():
+        out[n] = vector[i : i + t.numel()].view_as(t)
+        i += t.numel()
+    return out
+
+
+def implicit_meta_gradient(
+    net: nn.Module,
+    params: dict[str, Tensor],
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    tasks: tuple[Tensor, Tensor, Tensor, Tensor],
+    lam: float,
+    solve: Callable[[dict[str, Tensor], dict[str, Tensor], Tensor, Tensor], dict[str, Tensor]],
+    adapt: list[str] | None = None,
+    cg_iterations: int | None = None,
+) -> tuple[dict[str, Tensor], Tensor]:
+    """The implicit meta-gradient (Rajeswaran et al. 2019) of the mean query loss at ``phi``, with
+    explicit matrices: ``(I + H/lam)^-1 g`` for the adapted parameters, solved with the full
+    Hessian, and ``dL/dtheta_f - M^T (H + lam I)^-1 g`` for the others, ``M`` the full mixed
+    derivative of the support gradient. ``solve(theta_adapted, theta_fixed, x, y)`` gives ``phi``.
+    With ``cg_iterations``, ``(I + H/lam) v = g`` is solved instead by that many iterations of
+    textbook conjugate gradient on the explicit matrix, from zero. Returns the gradient and the
+    mean query loss."""
+    names = list(params) if adapt is None else adapt
+    total = {n: torch.zeros_like(p) for n, p in params.items()}
+    losses = []
+    for sx, sy, qx, qy in zip(*tasks):
+        theta = {n: params[n].detach() for n in names}
+        fixed = {n: p.detach() for n, p in params.items() if n not in names}
+        phi = solve(theta, fixed, sx, sy)
+
+        def support(flat_phi, flat_fixed, sx=sx, sy=sy, theta=theta, fixed=fixed) -> Tensor:
+            state = {**_unflat(flat_phi, theta), **_unflat(flat_fixed, fixed)}
+            return loss_fn(functional_call(net, state, (sx,)), sy)
+
+        at = {n: p.detach().requires_grad_() for n, p in {**phi, **fixed}.items()}
+        query = loss_fn(functional_call(net, at, (qx,)), qy)
+        grads = dict(zip(at, torch.autograd.grad(query, list(at.values()))))
+        losses.append(query.detach())
+        flat_phi = _flat(phi)
+        if fixed:
+            hessian = torch.autograd.functional.hessian(support, (flat_phi, _flat(fixed)))
+            h, m = hessian[0][0], hessian[0][1]  # d2/dphi2, d2/dphi dfixed
+        else:
+            h = torch.autograd.functional.hessian(lambda f: support(f, torch.zeros(0)), flat_phi)
+        eye = torch.eye(len(flat_phi), dtype=flat_phi.dtype)
+        rhs = _flat({n: grads[n] for n in names})
+        if cg_iterations is None:
+            w = torch.linalg.solve(h + lam * eye, rhs)
+        else:
+            w = _conjugate_gradient(eye + h / lam, rhs, cg_iterations) / lam
+        for n, g in _unflat(lam * w, theta).items():
+            total[n] += g
+        if fixed:
+            for n, g in _unflat(_flat({n: grads[n] for n in fixed}) - m.T @ w, fixed).items():
+                total[n] += g
+    count = len(losses)
+    return {n: g / count for n, g in total.items()}, torch.stack(losses).mean()
+
+
+def _conjugate_gradient(matrix: Tensor, b: Tensor, iterations: int) -> Tensor:
+    x, r = torch.zeros_like(b), b.clone()
+    p, rr = r.clone(), r @ r
+    for _ in range(iterations):
+        if rr == 0:
+            break
+        ap = matrix @ p
+        alpha = rr / (p @ ap)
+        x, r = x + alpha * p, r - alpha * ap
+        new_rr = r @ r
+        p, rr = r + (new_rr / rr) * p, new_rr
+    return x
+
+
+def regularised_gradient_descent(
+    net: nn.Module, loss_fn: Callable, lam: float, lr: float, steps: int
+) -> Callable[[dict[str, Tensor], dict[str, Tensor], Tensor, Tensor], dict[str, Tensor]]:
+    """``steps`` plain gradient steps on ``L_support(phi) + lam/2 ||phi - theta||^2`` from
+    ``theta`` (values only), for :func:`implicit_meta_gradient`."""
+
+    def solve(theta, fixed, x, y):
+        phi = dict(theta)
+        for _ in range(steps):
+            at = {n: p.detach().requires_grad_() for n, p in phi.items()}
+            loss = loss_fn(functional_call(net, {**at, **fixed}, (x,)), y)
+            grads = torch.autograd.grad(loss, list(at.values()))
+            phi = {
+                n: (p - lr * (g + lam * (p - theta[n]))).detach()
+                for (n, p), g in zip(phi.items(), grads)
+            }
+        return phi
+
+    return solve
+
+
+def regularised_newton(
+    net: nn.Module, loss_fn: Callable, lam: float, iterations: int = 30
+) -> Callable[[dict[str, Tensor], dict[str, Tensor], Tensor, Tensor], dict[str, Tensor]]:
+    """The minimiser of ``L_support(phi) + lam/2 ||phi - theta||^2`` near ``theta`` by Newton's
+    method with the full Hessian (to float64 precision on a small network)."""
+
+    def solve(theta, fixed, x, y):
+        def regularised(flat_phi: Tensor) -> Tensor:
+            state = {**_unflat(flat_phi, theta), **fixed}
+            penalty = ((flat_phi - _flat(theta)) ** 2).sum()
+            return loss_fn(functional_call(net, state, (x,)), y) + lam / 2 * penalty
+
+        flat = _flat(theta).clone()
+        for _ in range(iterations):
+            g = torch.autograd.functional.jacobian(regularised, flat)
+            h = torch.autograd.functional.hessian(regularised, flat)
+            flat = flat - torch.linalg.solve(h, g)
+        return _unflat(flat, theta)
+
+    return solve
+
+
+def unrolled_regularised_meta_gradient(
+    net: nn.Module,
+    params: dict[str, Tensor],
+    loss_fn: Callable,
+    tasks: tuple[Tensor, Tensor, Tensor, Tensor],
+    lam: float,
+    lr: float,
+    steps: int,
+) -> dict[str, Tensor]:
+    """Second-order MAML on the regularised inner problem, unrolled: the gradient of the mean
+    query loss after ``steps`` differentiated steps on ``L_support + lam/2 ||phi - theta||^2``."""
+    leaves = {n: p.detach().requires_grad_() for n, p in params.items()}
+    losses = []
+    for sx, sy, qx, qy in zip(*tasks):
+        fast = dict(leaves)
+        for _ in range(steps):
+            loss = loss_fn(functional_call(net, fast, (sx,)), sy)
+            penalty = sum(((fast[n] - leaves[n]) ** 2).sum() for n in fast)
+            grads = torch.autograd.grad(
+                loss + lam / 2 * penalty, list(fast.values()), create_graph=True
+            )
+            fast = {n: w - lr * g for (n, w), g in zip(fast.items(), grads)}
+        losses.append(loss_fn(functional_call(net, fast, (qx,)), qy))
+    grads = torch.autograd.grad(torch.stack(losses).mean(), list(leaves.values()))
+    return dict(zip(leaves, grads))
+
+
+def prototype_head(
+    net: nn.Sequential, params: dict[str, Tensor], x: Tensor, y: Tensor
+) -> dict[str, Tensor]:
+    """``params`` with the last layer of a ``Sequential`` replaced by ProtoMAML's initialisation
+    (Triantafillou et al. 2020): weight ``2 c_k``, bias ``-||c_k||^2``, ``c_k`` the mean output of
+    the other layers (run here as their own ``Sequential``) over the examples of class ``k``.
+    The other parameters are returned as clones: the inner loop's own variables, so that an inner
+    gradient with respect to them is the partial derivative (the head depends on the originals)."""
+    last = str(len(net) - 1)
+    body = nn.Sequential(*list(net)[:-1])
+    body_params = {n: p for n, p in params.items() if not n.startswith(last + ".")}
+    embeddings = functional_call(body, body_params, (x,)).flatten(1)
+    classes = params[f"{last}.weight"].shape[0]
+    prototypes = torch.stack(
+        [
+            embeddings[y == k].mean(0) if bool((y == k).any()) else embeddings[0] * 0
+            for k in range(classes)
+        ]
+    )
+    norms = torch.stack([(c * c).sum() for c in prototypes])
+    clones = {n: p.clone() for n, p in params.items()}
+    return {**clones, f"{last}.weight": 2 * prototypes, f"{last}.bias": -norms}

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from lightning_maml import Episode, MAMLModule
 from lightning_maml.datamodules.sinusoid import TaskSet
-from lightning_maml.functional import ANIL, MAMLPlusPlus, MetaSGD
+from lightning_maml.functional import ANIL, IMAML, MAMLPlusPlus, MetaSGD, ProtoMAML
 from lightning_maml.models import EEGNet
 
 
@@ -118,3 +118,36 @@ def test_adapt_refuses_data_that_is_not_one_tasks():
         module.adapt(x, x[:4])
     with pytest.raises(ValueError, match="`steps` must be an integer >= 0, got -1"):
         module.adapt(x, x, steps=-1)
+
+
+def test_adapt_starts_protomamls_head_at_the_prototypes_and_steps_from_there():
+    from reference import prototype_head
+    from tasks import image_tasks, small_conv_net
+
+    net = small_conv_net().double()
+    module = MAMLModule(net, loss="cross_entropy", inner_lr=0.3, algorithm=ProtoMAML())
+    sx, sy, qx, _ = image_tasks(n_tasks=1, k=9)
+    start = prototype_head(net, dict(net.named_parameters()), sx[0], sy[0])
+    reference = copy.deepcopy(net)
+    with torch.no_grad():
+        for name, p in reference.named_parameters():
+            p.copy_(start[name])
+    for steps in (0, 3):
+        expected = _plain_sgd(reference, sx[0], sy[0], lambda n, s: 0.3, steps, F.cross_entropy)
+        got = module.adapt(sx[0], sy[0], steps=steps)
+        torch.testing.assert_close(got(qx[0]), expected(qx[0]), rtol=1e-10, atol=1e-12)
+
+
+def test_adapt_takes_imamls_regularised_steps():
+    from reference import regularised_gradient_descent
+
+    module = MAMLModule(tanh_mlp().double(), inner_lr=0.2, algorithm=IMAML(lam=3.0))
+    sx, sy, qx = _task()
+    params = {n: p.detach() for n, p in module.net.named_parameters()}
+    solve = regularised_gradient_descent(module.net, F.mse_loss, 3.0, 0.2, 6)
+    phi = solve(params, {}, sx, sy)
+    expected = torch.func.functional_call(module.net, phi, (qx,))
+    torch.testing.assert_close(module.adapt(sx, sy, steps=6)(qx), expected, rtol=1e-12, atol=1e-12)
+    # not plain SGD: the pull towards the meta-parameters shows
+    plain = _plain_sgd(module.net, sx, sy, lambda n, s: 0.2, 6)
+    assert (plain(qx) - expected).abs().max() > 1e-4

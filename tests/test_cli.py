@@ -113,8 +113,13 @@ def test_a_run_without_logger_does_not_overwrite_an_earlier_config(tmp_path, mon
             "--model.algorithm=lightning_maml.functional.ANIL",
             "--model.algorithm.head=[layers.4.*]",
         ],
+        [
+            "--model.algorithm=lightning_maml.functional.IMAML",
+            "--model.algorithm.lam=2.0",
+            "--model.algorithm.cg_steps=3",
+        ],
     ],
-    ids=["name", "class_path"],
+    ids=["name", "class_path", "imaml"],
 )
 def test_cli_trains_any_algorithm_and_tests_from_its_checkpoint(tmp_path, arguments):
     path = _tiny_config(tmp_path)
@@ -126,10 +131,13 @@ def test_cli_trains_any_algorithm_and_tests_from_its_checkpoint(tmp_path, argume
             "layers.4.weight",
             "layers.4.bias",
         ]
+    elif algorithm.name == "imaml":
+        assert (algorithm.lam, algorithm.cg_steps) == (2.0, 3)
     else:  # the learned step sizes were meta-trained
         assert any((p != 0.01).any() for p in algorithm.parameters())
     ckpt = next(tmp_path.glob("sinusoid/version_*/checkpoints/*.ckpt"))
     cli = build_cli(["test", "--config", str(path), *arguments, "--ckpt_path", str(ckpt)])
+    assert cli.model.algorithm.init_args() == algorithm.init_args()
     trained = {n: p for n, p in algorithm.state_dict().items()}
     assert all((cli.model.algorithm.state_dict()[n] == p).all() for n, p in trained.items())
 

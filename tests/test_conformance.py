@@ -15,17 +15,25 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
-from reference import directional_derivative, family_task_objectives
+from reference import (
+    directional_derivative,
+    family_task_objectives,
+    implicit_meta_gradient,
+    prototype_head,
+    regularised_gradient_descent,
+)
 from tasks import image_tasks, regression_tasks, small_conv_net, tanh_mlp
 from torch import Tensor, nn
 
 from lightning_maml.functional import (
     ANIL,
     FOMAML,
+    IMAML,
     MAML,
     Algorithm,
     MAMLPlusPlus,
     MetaSGD,
+    ProtoMAML,
     Reptile,
     meta_loss,
     mse_loss,
@@ -44,6 +52,11 @@ class Case:
     rates: str = "fixed"  # "fixed", "per-parameter" (Meta-SGD), "per-layer-step" (LSLR)
     weights: list[float] | None = field(default=None)
     reptile: bool = False
+    implicit: float | None = None  # iMAML's lam: the implicit gradient with explicit matrices
+    cg: int | None = None  # its conjugate-gradient iterations (None: the exact solve)
+    prototypes: bool = False  # ProtoMAML: each task's head starts from its class prototypes
+    families: tuple[str, ...] = ("mlp", "conv")
+    compiled: bool = True  # also a row on the compiled path
 
 
 ALGORITHMS = {
@@ -69,6 +82,33 @@ ALGORITHMS = {
         lambda: MAMLPlusPlus(msl_epochs=0, first_order_epochs=2), epoch=2, rates="per-layer-step"
     ),
     "reptile": Case(Reptile, first_order=True, reptile=True),
+    # conjugate gradient run to its float64 limit, against the solve with the full Hessian
+    # conjugate gradient to its float64 limit against the exact solve, and 5 iterations of it
+    # against textbook CG on the explicit matrix (compiling 40 iterations takes over a minute)
+    "imaml": Case(lambda: IMAML(lam=2.0, cg_steps=40, cg_tol=1e-14), implicit=2.0, compiled=False),
+    "imaml 5 cg steps": Case(lambda: IMAML(lam=2.0, cg_steps=5, cg_tol=0), implicit=2.0, cg=5),
+    "imaml head": Case(
+        lambda: IMAML(lam=2.0, cg_steps=5, cg_tol=0, adapt=["4.*"]),
+        implicit=2.0,
+        cg=5,
+        adapt="last",
+        compiled=False,
+    ),
+    "protomaml": Case(ProtoMAML, prototypes=True, families=("conv",)),
+    "protomaml first order": Case(
+        lambda: ProtoMAML(first_order=True),
+        prototypes=True,
+        first_order=True,
+        families=("conv",),
+        compiled=False,
+    ),
+    "protomaml anil": Case(
+        lambda: ProtoMAML(adapt=["4.*"]),
+        prototypes=True,
+        adapt="last",
+        families=("conv",),
+        compiled=False,
+    ),
 }
 
 PATHS = {
@@ -118,28 +158,50 @@ def _adapted(case: Case, net: nn.Module) -> list[str]:
 def _reference_objective(case, net, loss_fn, tasks, inputs, anchor=None):
     params = {n: t for n, t in inputs.items() if not n.startswith("algo:")}
     learned = {n[5:]: t for n, t in inputs.items() if n.startswith("algo:")}
-    anchor_pair = None
+    anchor_params = anchor_rate = None
     if anchor is not None:
         anchor_params = {n: t for n, t in anchor.items() if not n.startswith("algo:")}
         anchor_learned = {n[5:]: t for n, t in anchor.items() if n.startswith("algo:")}
-        anchor_pair = (anchor_params, _reference_rate(case, net, anchor_learned))
-    objectives, _ = family_task_objectives(
-        net,
-        params,
-        loss_fn,
-        tasks,
-        STEPS,
-        _reference_rate(case, net, learned),
-        adapt=_adapted(case, net),
-        first_order=case.first_order,
-        weights=case.weights,
-        anchor=anchor_pair,
-    )
+        anchor_rate = _reference_rate(case, net, anchor_learned)
+    objectives = []
+    for t in range(len(tasks[0])):
+        task = tuple(x[t : t + 1] for x in tasks)
+        task_params, task_anchor = params, anchor_params
+        if case.prototypes:
+            task_params = prototype_head(net, params, tasks[0][t], tasks[1][t])
+            if anchor is not None:
+                task_anchor = prototype_head(net, anchor_params, tasks[0][t], tasks[1][t])
+        objective, _ = family_task_objectives(
+            net,
+            task_params,
+            loss_fn,
+            task,
+            STEPS,
+            _reference_rate(case, net, learned),
+            adapt=_adapted(case, net),
+            first_order=case.first_order,
+            weights=case.weights,
+            anchor=None if anchor is None else (task_anchor, anchor_rate),
+        )
+        objectives += objective
     return torch.stack(objectives).mean()
 
 
 def _reference_gradient(case, net, loss_fn, tasks, inputs):
     leaves = {n: t.detach().requires_grad_() for n, t in inputs.items()}
+    if case.implicit is not None:
+        solve = regularised_gradient_descent(net, loss_fn, case.implicit, INNER_LR, STEPS)
+        gradient, _ = implicit_meta_gradient(
+            net,
+            leaves,
+            loss_fn,
+            tasks,
+            case.implicit,
+            solve,
+            adapt=_adapted(case, net),
+            cg_iterations=case.cg,
+        )
+        return gradient
     if case.reptile:  # the update: mean over tasks of initial - adapted (first order)
         params = {n: t for n, t in leaves.items() if not n.startswith("algo:")}
         _, adapted = family_task_objectives(
@@ -189,11 +251,13 @@ def _relative_error(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:
 def _cases():
     for name in ALGORITHMS:
         for path in PATHS:
-            for family in ("mlp", "conv"):
+            for family in ALGORITHMS[name].families:
                 for dtype in (torch.float64, torch.float32):
                     marks = []
                     if path == "compiled":
-                        if family != "mlp" or dtype != torch.float64:
+                        compiled = ALGORITHMS[name].compiled
+                        first = ALGORITHMS[name].families[0]  # one family: compiling is slow
+                        if family != first or dtype != torch.float64 or not compiled:
                             continue  # compilation is slow: one family and dtype
                         marks.append(pytest.mark.compile)
                     if path == "checkpointed loop" and dtype == torch.float32:
@@ -221,8 +285,10 @@ def test_meta_gradient_matches_the_reference(name, path, family, dtype):
         assert all(engine[n].abs().sum() > 0 for n in engine if n.startswith("algo:"))
 
 
-@pytest.mark.parametrize("name", [n for n, c in ALGORITHMS.items() if not c.reptile])
-@pytest.mark.parametrize("family", ["mlp", "conv"])
+@pytest.mark.parametrize(
+    "name, family",
+    [(n, f) for n, c in ALGORITHMS.items() if c.make().has_objective for f in c.families],
+)
 def test_the_reference_gradient_matches_finite_differences(name, family):
     case = ALGORITHMS[name]
     net, loss_fn, tasks, algorithm = _setup(case, family, torch.float64)

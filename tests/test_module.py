@@ -304,7 +304,9 @@ def test_accuracy_with_class_probability_targets_counts_their_most_probable_clas
     assert results[0] == pytest.approx(results[1])
 
 
-@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "reptile", "anil", "metasgd", "maml++"])
+@pytest.mark.parametrize(
+    "algorithm", ["maml", "fomaml", "reptile", "anil", "metasgd", "maml++", "imaml"]
+)
 def test_every_algorithm_trains_and_evaluates_under_a_plain_trainer(algorithm):
     module = MAMLModule(MLP(), inner_lr=0.01, inner_steps=2, algorithm=algorithm)
     before = {n: p.detach().clone() for n, p in module.named_parameters()}
@@ -418,3 +420,25 @@ def test_the_progress_bar_shows_short_distinct_names_and_loggers_only_full_ones(
     assert {"train/loss", "train/query_loss_before", "train/query_loss_after"} <= columns
     assert {"val/query_loss_after", "val/query_loss_before"} <= columns
     assert not columns & {"before", "after", "val_after", "acc"}
+
+
+def test_protomaml_trains_and_evaluates_few_shot_classification():
+    from lightning_maml.datamodules import FewShotDataModule
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(12).repeat(20)
+    centres = torch.randn(12, 6, generator=g) * 3
+    data = torch.utils.data.TensorDataset(
+        centres[labels] + torch.randn(240, 6, generator=g), labels
+    )
+    dm = FewShotDataModule(
+        data, fractions=(0.5, 0.25, 0.25), n_way=3, k_shot=2, query_size=3, episodes_per_epoch=8
+    )
+    net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    module = MAMLModule(net, loss="cross_entropy", inner_lr=0.1, algorithm="protomaml")
+    body = net[0].weight.detach().clone()
+    trainer = quiet_trainer(max_steps=4)
+    trainer.fit(module, dm)
+    assert not torch.equal(body, net[0].weight)
+    accuracy = trainer.test(module, dm, verbose=False)[0]["test/query_acc_after"]
+    assert accuracy > 0.6  # well-separated classes: the prototypes alone classify them

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_maml import Episode, MAMLModule
 from lightning_maml.datamodules import FewShotDataModule, SinusoidDataModule
 from lightning_maml.datamodules.sinusoid import TaskSet
-from lightning_maml.functional import ANIL, MAML, MAMLPlusPlus, MetaSGD
+from lightning_maml.functional import ANIL, IMAML, MAML, MAMLPlusPlus, MetaSGD
 from lightning_maml.models import MLP, EEGNet
 
 
@@ -183,6 +183,7 @@ ALGORITHM_OBJECTS = {
     "maml first order": lambda: MAML(first_order=True),
     "metasgd": lambda: MetaSGD(),
     "maml++": lambda: MAMLPlusPlus(msl_epochs=3, first_order_epochs=1),
+    "imaml": lambda: IMAML(lam=2.5, cg_steps=4, cg_tol=1e-8, adapt=["4.*"]),
 }
 
 

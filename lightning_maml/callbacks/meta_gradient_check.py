@@ -133,9 +133,11 @@ class MetaGradientCheck(Callback):
                 f"MetaGradientCheck needs a MAMLModule, got {type(pl_module).__name__}"
             )
         if not pl_module.algorithm.has_objective:
+            note = pl_module.algorithm.update_note
             raise MisconfigurationException(
                 "MetaGradientCheck checks gradients of a meta-objective; "
                 f"{pl_module.algorithm.describe()} applies a direction that is not one"
+                + (f": {note}" if note else "")
             )
         if trainer.accumulate_grad_batches != 1:
             raise MisconfigurationException(

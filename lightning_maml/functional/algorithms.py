@@ -32,13 +32,14 @@ from __future__ import annotations
 import copy
 import fnmatch
 import inspect
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from lightning_maml._checks import check_count
+from lightning_maml._checks import check_count, check_inner_lr
 from lightning_maml._imports import import_by_path
 from lightning_maml.functional.inner import Schedule, adapt_parameters
 from lightning_maml.functional.losses import LossFn, scalar_loss
@@ -48,10 +49,12 @@ __all__ = [
     "ALGORITHMS",
     "ANIL",
     "FOMAML",
+    "IMAML",
     "MAML",
     "Algorithm",
     "MAMLPlusPlus",
     "MetaSGD",
+    "ProtoMAML",
     "Reptile",
     "describe_algorithm",
     "register_algorithm",
@@ -92,6 +95,8 @@ class Algorithm(nn.Module):
     name: ClassVar[str] = "maml"
     #: the update is the gradient of :meth:`outer`'s objective (finite differences can check it)
     has_objective: ClassVar[bool] = True
+    #: where it is not, what the update is instead (for messages)
+    update_note: ClassVar[str] = ""
 
     def __init__(self, first_order: bool = False, adapt: Sequence[str] | None = None) -> None:
         super().__init__()
@@ -191,6 +196,121 @@ class Algorithm(nn.Module):
         """The task's outer objective from its (weighted) query loss: the query loss itself."""
         return query_loss
 
+    def start(
+        self,
+        net: nn.Module,
+        params: dict[str, Tensor],
+        constants: dict[str, Tensor],
+        support_x: Tensor,
+        support_y: Tensor,
+        vectorized: bool,
+    ) -> dict[str, Tensor]:
+        """One task's parameters before the inner loop, from the meta-learned ``params`` and the
+        task's support set: ``params`` themselves, unless the algorithm initialises some per task
+        (a head from the support set). The query loss "before adapting" is taken here."""
+        return params
+
+    def task(
+        self,
+        net: nn.Module,
+        loss_fn: LossFn,
+        params: dict[str, Tensor],
+        learned: dict[str, Tensor],
+        constants: dict[str, Tensor],
+        support_x: Tensor,
+        support_y: Tensor,
+        query_x: Tensor,
+        query_y: Tensor,
+        *,
+        inner_lr: float,
+        inner_steps: int,
+        first_order: bool,
+        checkpoint: bool,
+        vectorized: bool,
+        step_weights: Tensor | None = None,
+        anchor: tuple[dict[str, Tensor], dict[str, Tensor]] | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """One task's ``(outer objective, query loss after adapting, query predictions)``, the
+        objective differentiable with respect to ``params`` and ``learned`` (the algorithm's
+        tensors); the engine runs it per task, under vmap (``vectorized=True``) or compiled.
+
+        The family's common computation: :func:`adapt_parameters` on the support set from
+        ``params`` with :meth:`rates`, the query loss after the last step (or the losses after
+        every step weighted by ``step_weights``), then :meth:`outer`. ``anchor`` (first order
+        only): ``(params, learned)`` of the point where the inner gradients are taken. An
+        algorithm whose meta-gradient is computed otherwise (implicit MAML) overrides this.
+        """
+        names = self.adapted(params)
+        start = params if self.has_objective else {n: p.detach() for n, p in params.items()}
+        anchor_params = anchor_lr = None
+        if anchor is not None:
+            anchor_params, anchor_learned = anchor
+            anchor_lr = self.rates(inner_lr, anchor_learned, names)
+        steps = adapt_parameters(
+            net,
+            start,
+            constants,
+            loss_fn,
+            support_x,
+            support_y,
+            self.rates(inner_lr, learned, names),
+            inner_steps,
+            first_order=first_order,
+            checkpoint=checkpoint,
+            vectorized=vectorized,
+            adapt=names,
+            anchor=anchor_params,
+            anchor_lr=anchor_lr,
+            trajectory=True,
+        )
+        adapted = steps[-1] if steps else start
+        prediction = forward(net, adapted, constants, query_x, vectorized)
+        query_loss = scalar_loss(loss_fn, prediction, query_y)
+        objective = query_loss
+        if step_weights is not None and len(steps) > 1:
+            losses = [
+                scalar_loss(loss_fn, forward(net, p, constants, query_x, vectorized), query_y)
+                for p in steps[:-1]
+            ]
+            weights = step_weights.to(query_loss.dtype)
+            objective = (torch.stack([*losses, query_loss]) * weights).sum()
+        return self.outer(params, adapted, objective), query_loss, prediction
+
+    def adapt_values(
+        self,
+        net: nn.Module,
+        loss_fn: LossFn,
+        params: dict[str, Tensor],
+        learned: dict[str, Tensor],
+        constants: dict[str, Tensor],
+        support_x: Tensor,
+        support_y: Tensor,
+        *,
+        inner_lr: float,
+        inner_steps: int,
+    ) -> dict[str, Tensor]:
+        """One task's parameters after its inner loop on ``support_x``/``support_y`` (one task's
+        ``[K, ...]`` tensors), as values without a graph: what :meth:`task` evaluates the query
+        set with, for calibrating a new task (:meth:`~lightning_maml.MAMLModule.adapt`). Run it
+        with gradients enabled (the inner loop takes gradients)."""
+        params = {n: p.detach() for n, p in params.items()}
+        start = self.start(net, params, constants, support_x, support_y, vectorized=False)
+        start = {n: p.detach() for n, p in start.items()}
+        names = self.adapted(start)
+        adapted = adapt_parameters(
+            net,
+            start,
+            constants,
+            loss_fn,
+            support_x,
+            support_y,
+            self.rates(inner_lr, learned, names),
+            inner_steps,
+            first_order=True,
+            adapt=names,
+        )
+        return {n: t.detach() for n, t in adapted.items()}
+
     def with_order(self, first_order: bool) -> Algorithm:
         """This algorithm with first- or second-order inner gradients, sharing learned tensors
         (for comparing the two, e.g. in :class:`~lightning_maml.callbacks.MetaGradientLogger`)."""
@@ -233,6 +353,7 @@ class Reptile(Algorithm):
 
     name = "reptile"
     has_objective = False
+    update_note = "its update is the mean over tasks of initial - adapted parameters"
 
     def __init__(self, adapt: Sequence[str] | None = None) -> None:
         super().__init__(first_order=True, adapt=adapt)
@@ -277,6 +398,130 @@ class ANIL(Algorithm):
 
     def init_args(self) -> dict[str, Any]:
         return {"head": self.adapt, "first_order": self.first_order}
+
+
+class ProtoMAML(Algorithm):
+    """ProtoMAML (Triantafillou et al. 2020, "Meta-Dataset"): each task's output layer starts from
+    the class prototypes of its support set, then the inner loop adapts.
+
+    The network is a body followed by a linear head (``weight [n_classes, features]``, ``bias
+    [n_classes]``). For a task, ``c_k`` is the mean of the body's outputs (the head's inputs) over
+    the support examples of class ``k``; the head starts at weight ``2 c_k`` and bias
+    ``-||c_k||^2`` (the linear form of a nearest-prototype classifier under squared Euclidean
+    distance), and the inner loop adapts from there (every parameter by default). The
+    meta-gradient reaches the body through the prototypes as well as through the adaptation
+    (second order; ``first_order=True``: through the prototypes and the identity, fo-Proto-MAML).
+    The head's own parameters are replaced in every task and get no meta-gradient; they give the
+    number of classes. A class without support examples gets a zero prototype.
+
+    Args:
+        head: patterns of the head's two parameters (e.g. ``["classifier.*"]``); default: the
+            parameters of the network's last module that has any, as :class:`ANIL`.
+        first_order: constant inner gradients.
+        adapt: which parameters adapt in the inner loop (default all, the head included).
+
+    Raises:
+        ValueError: when set up, if the head is not a weight ``[n, d]`` and a bias ``[n]``; on a
+            task with floating-point support labels (ProtoMAML classifies).
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from lightning_maml.functional import meta_loss
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        >>> sx, qx = torch.randn(2, 6, 4), torch.randn(2, 6, 4)
+        >>> sy = qy = torch.tensor([[0, 1, 2, 0, 1, 2]] * 2)
+        >>> out = meta_loss(net, "cross_entropy", sx, sy, qx, qy, inner_lr=0.1,
+        ...                 algorithm=ProtoMAML())
+        >>> out.loss.backward()
+        >>> bool(net[0].weight.grad.abs().sum() > 0)  # the body, also through the prototypes
+        True
+    """
+
+    name = "protomaml"
+
+    def __init__(
+        self,
+        head: Sequence[str] | None = None,
+        first_order: bool = False,
+        adapt: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__(first_order=first_order, adapt=adapt)
+        if head is not None and (isinstance(head, str) or not head):
+            raise TypeError(f"`head` must be None or a non-empty list of patterns, got {head!r}")
+        self.head = None if head is None else list(head)
+        self._head_names: tuple[str, str] | None = None
+
+    def _find_head(self, params: Mapping[str, Tensor]) -> tuple[str, str]:
+        if self.head is None:
+            module = list(params)[-1].rpartition(".")[0]
+            names = [n for n in params if n.rpartition(".")[0] == module]
+        else:
+            names = [n for n in params if any(fnmatch.fnmatchcase(n, h) for h in self.head)]
+        weight = [n for n in names if params[n].dim() == 2]
+        bias = [n for n in names if params[n].dim() == 1]
+        if len(names) != 2 or len(weight) != 1 or len(bias) != 1:
+            raise ValueError(
+                f"ProtoMAML needs a linear head of a weight [n_classes, features] and a bias "
+                f"[n_classes]; head={self.head!r} selects {names} with shapes "
+                f"{[tuple(params[n].shape) for n in names]}"
+            )
+        (w,), (b,) = weight, bias
+        if params[w].shape[0] != params[b].shape[0]:
+            raise ValueError(
+                f"the head's weight {w} {tuple(params[w].shape)} and bias {b} "
+                f"{tuple(params[b].shape)} disagree on the number of classes"
+            )
+        return w, b
+
+    def _bind(self, params: Mapping[str, Tensor], inner_lr: float, inner_steps: int) -> None:
+        if self._head_names is None:
+            self._head_names = self._find_head(params)
+
+    def start(
+        self,
+        net: nn.Module,
+        params: dict[str, Tensor],
+        constants: dict[str, Tensor],
+        support_x: Tensor,
+        support_y: Tensor,
+        vectorized: bool,
+    ) -> dict[str, Tensor]:
+        weight_name, bias_name = self._head_names or self._find_head(params)
+        if support_y.is_floating_point():
+            raise ValueError(
+                f"ProtoMAML classifies: its support labels must be class indices, got "
+                f"{support_y.dtype} labels"
+            )
+        head = net.get_submodule(weight_name.rpartition(".")[0])
+        seen: list[Tensor] = []
+        handle = head.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+        try:
+            forward(net, params, constants, support_x, vectorized)
+        finally:
+            handle.remove()
+        embeddings = seen[0].flatten(1)  # the head's input: [K, features]
+        classes = params[weight_name].shape[0]
+        onehot = nn.functional.one_hot(support_y.long(), classes).to(embeddings.dtype)
+        counts = onehot.sum(0).clamp(min=1)
+        prototypes = (onehot.T @ embeddings) / counts[:, None]  # [classes, features]
+        return {
+            **params,
+            weight_name: 2 * prototypes,
+            bias_name: -(prototypes**2).sum(1),
+        }
+
+    def init_args(self) -> dict[str, Any]:
+        return {"head": self.head, "first_order": self.first_order, "adapt": self.adapt}
+
+    def extra_repr(self) -> str:
+        parts = [f"first_order={self.first_order}"]
+        if self.head is not None:
+            parts.append(f"head={self.head}")
+        if self.adapt is not None:
+            parts.append(f"adapt={self.adapt}")
+        return ", ".join(parts)
 
 
 class MetaSGD(Algorithm):
@@ -371,6 +616,216 @@ class MAMLPlusPlus(Algorithm):
         )
 
 
+def _dot(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Tensor:
+    return sum((a[n] * b[n]).sum() for n in a)
+
+
+def _task_loss(
+    net: nn.Module,
+    loss_fn: LossFn,
+    constants: Mapping[str, Tensor],
+    vectorized: bool,
+    x: Tensor,
+    y: Tensor,
+    moving: dict[str, Tensor],
+    others: Mapping[str, Tensor],
+) -> Tensor:
+    # the loss of the network with ``moving`` and ``others`` for its parameters on (x, y)
+    prediction = forward(net, {**others, **moving}, constants, x, vectorized)
+    return scalar_loss(loss_fn, prediction, y)
+
+
+class IMAML(Algorithm):
+    """Implicit MAML (Rajeswaran et al. 2019, "Meta-Learning with Implicit Gradients").
+
+    Each task solves a regularised inner problem, ``min_phi L_support(phi) + lam/2 ||phi -
+    theta||^2``, approximately, by ``inner_steps`` gradient steps of size ``inner_lr`` from
+    ``theta``, keeping no graph. The meta-gradient of the query loss at the solution ``phi*`` is
+    the implicit one, ``(I + H/lam)^-1 grad L_query(phi*)`` with ``H`` the support loss's Hessian
+    at ``phi*``, solved by ``cg_steps`` iterations of conjugate gradient on Hessian-vector
+    products (stopping early, per task, once the residual's norm is at most ``cg_tol`` times the
+    right-hand side's). Memory does not grow with ``inner_steps``: the point of it for long
+    adaptations.
+
+    Parameters that do not adapt (``adapt``) get the gradient of the query loss through
+    ``phi*`` as well: ``dL/dtheta_f - (1/lam) M^T v`` with ``M`` the support gradient's
+    derivative with respect to them and ``v`` the solve above.
+
+    The update is the gradient of the query loss at the exact minimiser of the regularised
+    problem; with finitely many inner steps and CG iterations it approximates it (no
+    finite-difference check of the ``inner_steps``-step loss applies: the engine's ``loss`` is the
+    query loss at ``phi``, its gradient the implicit one).
+
+    Args:
+        lam: the regularisation strength ``lam`` > 0 (larger: ``phi*`` stays nearer ``theta``).
+            The inner steps are stable for ``inner_lr * lam < 2``.
+        cg_steps: conjugate-gradient iterations (0: the first-order approximation, the gradient
+            of the query loss at ``phi*`` itself).
+        cg_tol: relative residual at which CG stops, >= 0 (0: run every iteration).
+        first_order: the first-order approximation regardless of ``cg_steps``.
+        adapt: which parameters adapt (see :class:`Algorithm`).
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from lightning_maml.functional import meta_loss
+        >>> net = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1))
+        >>> sx, sy, qx, qy = (torch.randn(4, 5, 1) for _ in range(4))
+        >>> out = meta_loss(net, "mse", sx, sy, qx, qy, inner_lr=0.1, inner_steps=20,
+        ...                 algorithm=IMAML(lam=2.0))
+        >>> out.loss.backward()
+    """
+
+    name = "imaml"
+    has_objective = False
+    update_note = (
+        "its update is the implicit gradient at the exact minimiser of the regularised inner "
+        "problem, which finitely many inner steps only approach"
+    )
+
+    def __init__(
+        self,
+        lam: float = 1.0,
+        cg_steps: int = 5,
+        cg_tol: float = 1e-10,
+        first_order: bool = False,
+        adapt: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__(first_order=first_order, adapt=adapt)
+        self.lam = check_inner_lr(lam, "lam", positive=True)
+        self.cg_steps = check_count(cg_steps, "cg_steps", minimum=0)
+        if isinstance(cg_tol, bool) or not isinstance(cg_tol, (int, float)) or not cg_tol >= 0:
+            raise ValueError(f"`cg_tol` must be a number >= 0, got {cg_tol!r}")
+        self.cg_tol = float(cg_tol)
+
+    def task(
+        self,
+        net: nn.Module,
+        loss_fn: LossFn,
+        params: dict[str, Tensor],
+        learned: dict[str, Tensor],
+        constants: dict[str, Tensor],
+        support_x: Tensor,
+        support_y: Tensor,
+        query_x: Tensor,
+        query_y: Tensor,
+        *,
+        inner_lr: float,
+        inner_steps: int,
+        first_order: bool,
+        checkpoint: bool,
+        vectorized: bool,
+        step_weights: Tensor | None = None,
+        anchor: tuple[dict[str, Tensor], dict[str, Tensor]] | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        names = self.adapted(params)
+        theta = {n: params[n] for n in names}
+        fixed = {n: p for n, p in params.items() if n not in theta}
+        # first order: gradients at the anchor (finite differences around it); else at params
+        at = anchor[0] if anchor is not None else params
+        center = {n: at[n].detach() for n in names}
+        still = {n: at[n].detach() for n in fixed}
+        loss_on = partial(_task_loss, net, loss_fn, constants, vectorized)
+        support_grad = torch.func.grad(partial(loss_on, support_x, support_y))
+        phi = self._inner_solve(support_grad, center, still, inner_lr, inner_steps)
+        prediction = forward(net, {**fixed, **phi}, constants, query_x, vectorized)
+        query_loss = scalar_loss(loss_fn, prediction, query_y)
+        query_grad = torch.func.grad(partial(loss_on, query_x, query_y))
+        rhs = {n: g.detach() for n, g in query_grad(phi, still).items()}
+        if first_order or self.cg_steps == 0:
+            v = rhs
+        else:
+            v = self._solve(lambda m: support_grad(m, still), phi, rhs)
+        # a surrogate with the query loss's value and the implicit gradient
+        objective = query_loss + sum(((theta[n] - center[n]) * v[n]).sum() for n in names)
+        if not first_order and any(p.requires_grad for p in fixed.values()):
+            cross = _dot(support_grad(phi, fixed), v)
+            objective = objective - (cross - cross.detach()) / self.lam
+        return objective, query_loss, prediction
+
+    def _inner_solve(
+        self,
+        support_grad: Callable[..., dict[str, Tensor]],
+        center: dict[str, Tensor],
+        still: Mapping[str, Tensor],
+        inner_lr: float,
+        inner_steps: int,
+    ) -> dict[str, Tensor]:
+        """``inner_steps`` gradient steps on ``L_support(phi) + lam/2 ||phi - center||^2`` from
+        ``center``, values only (``still``: the parameters that do not adapt)."""
+        phi = dict(center)
+        for _ in range(inner_steps):
+            g = support_grad(phi, still)
+            phi = {
+                n: (phi[n] - inner_lr * (g[n] + self.lam * (phi[n] - center[n]))).detach()
+                for n in phi
+            }
+        return phi
+
+    def adapt_values(
+        self,
+        net: nn.Module,
+        loss_fn: LossFn,
+        params: dict[str, Tensor],
+        learned: dict[str, Tensor],
+        constants: dict[str, Tensor],
+        support_x: Tensor,
+        support_y: Tensor,
+        *,
+        inner_lr: float,
+        inner_steps: int,
+    ) -> dict[str, Tensor]:
+        names = self.adapted(params)
+        center = {n: params[n].detach() for n in names}
+        still = {n: p.detach() for n, p in params.items() if n not in center}
+        support_grad = torch.func.grad(
+            partial(_task_loss, net, loss_fn, constants, False, support_x, support_y)
+        )
+        return {**still, **self._inner_solve(support_grad, center, still, inner_lr, inner_steps)}
+
+    def _solve(
+        self,
+        gradient: Callable[[dict[str, Tensor]], dict[str, Tensor]],
+        phi: dict[str, Tensor],
+        rhs: dict[str, Tensor],
+    ) -> dict[str, Tensor]:
+        """``(I + H/lam)^-1 rhs`` by conjugate gradient, ``H`` the Jacobian of ``gradient`` (the
+        support loss's Hessian) at ``phi``; Hessian-vector products by reverse mode twice, the
+        one second derivative the engine relies on everywhere. Fixed iterations (vmap and
+        compile need them); a task whose residual is small enough stops changing."""
+        _, hvp = torch.func.vjp(gradient, phi)
+
+        def operator(u: dict[str, Tensor]) -> dict[str, Tensor]:
+            (h,) = hvp(u)
+            return {n: (u[n] + h[n] / self.lam).detach() for n in u}
+
+        x = {n: torch.zeros_like(r) for n, r in rhs.items()}
+        r = dict(rhs)
+        p = dict(rhs)
+        rr = _dot(r, r)
+        stop = rr * self.cg_tol**2
+        for _ in range(self.cg_steps):
+            active = rr > stop
+            ap = operator(p)
+            alpha = torch.where(active, rr / _dot(p, ap), torch.zeros_like(rr))
+            x = {n: x[n] + alpha * p[n] for n in x}
+            r = {n: r[n] - alpha * ap[n] for n in r}
+            new_rr = _dot(r, r)
+            beta = torch.where(active, new_rr / rr, torch.zeros_like(rr))
+            p = {n: r[n] + beta * p[n] for n in p}
+            rr = torch.where(active, new_rr, rr)
+        return x
+
+    def extra_repr(self) -> str:
+        parts = [f"lam={self.lam}", f"cg_steps={self.cg_steps}", f"cg_tol={self.cg_tol}"]
+        if self.first_order:
+            parts.append("first_order=True")
+        if self.adapt is not None:
+            parts.append(f"adapt={self.adapt}")
+        return ", ".join(parts)
+
+
 _REGISTRY: dict[str, type[Algorithm]] = {}
 
 
@@ -382,7 +837,7 @@ def register_algorithm(cls: type[Algorithm]) -> type[Algorithm]:
     return cls
 
 
-for _cls in (MAML, FOMAML, Reptile, ANIL, MetaSGD, MAMLPlusPlus):
+for _cls in (MAML, FOMAML, Reptile, ANIL, MetaSGD, MAMLPlusPlus, IMAML, ProtoMAML):
     register_algorithm(_cls)
 
 #: the names of the built-in algorithms
@@ -467,48 +922,41 @@ def task_meta_loss(
     """
     params, learned = split_prefixed(inputs, LEARNED)
     weights = learned.pop("step_weights", None)
+    params = algorithm.start(net, params, constants, support_x, support_y, vectorized)
+    anchor_pair = None
+    if anchor is not None:
+        anchor_params, anchor_learned = split_prefixed(anchor, LEARNED)
+        anchor_learned.pop("step_weights", None)
+        anchor_params = algorithm.start(
+            net, anchor_params, constants, support_x, support_y, vectorized
+        )
+        anchor_pair = ({n: t.detach() for n, t in anchor_params.items()}, anchor_learned)
     if track_initial_loss:
         with torch.no_grad():
             before = forward(net, params, constants, query_x, vectorized)
             initial = scalar_loss(loss_fn, before, query_y)
     else:
         initial = query_x.new_zeros(())
-    names = algorithm.adapted(params)
-    start = params if algorithm.has_objective else {n: p.detach() for n, p in params.items()}
-    anchor_params = anchor_lr = None
-    if anchor is not None:
-        anchor_params, anchor_learned = split_prefixed(anchor, LEARNED)
-        anchor_learned.pop("step_weights", None)
-        anchor_lr = algorithm.rates(inner_lr, anchor_learned, names)
-    steps = adapt_parameters(
+    objective, query_loss, prediction = algorithm.task(
         net,
-        start,
-        constants,
         loss_fn,
+        params,
+        learned,
+        constants,
         support_x,
         support_y,
-        algorithm.rates(inner_lr, learned, names),
-        inner_steps,
+        query_x,
+        query_y,
+        inner_lr=inner_lr,
+        inner_steps=inner_steps,
         first_order=first_order,
         checkpoint=checkpoint,
         vectorized=vectorized,
-        adapt=names,
-        anchor=anchor_params,
-        anchor_lr=anchor_lr,
-        trajectory=True,
+        step_weights=weights,
+        anchor=anchor_pair,
     )
-    adapted = steps[-1] if steps else start
-    prediction = forward(net, adapted, constants, query_x, vectorized)
-    query_loss = scalar_loss(loss_fn, prediction, query_y)
-    objective = query_loss
-    if weights is not None and len(steps) > 1:
-        losses = [
-            scalar_loss(loss_fn, forward(net, p, constants, query_x, vectorized), query_y)
-            for p in steps[:-1]
-        ]
-        objective = (torch.stack([*losses, query_loss]) * weights.to(query_loss.dtype)).sum()
     return (
-        algorithm.outer(params, adapted, objective),
+        objective,
         query_loss.detach(),
         prediction.detach(),
         initial,

@@ -38,7 +38,9 @@ from lightning_maml.functional.execution import (
 from lightning_maml.functional.losses import LossFn, resolve_loss
 from lightning_maml.functional.parameters import split_parameters, task_batch_norm
 
-AlgorithmName = Literal["maml", "fomaml", "reptile", "anil", "metasgd", "maml++"]
+AlgorithmName = Literal[
+    "maml", "fomaml", "reptile", "anil", "metasgd", "maml++", "imaml", "protomaml"
+]
 Vectorize = Literal["auto", "vmap", "loop"]
 
 

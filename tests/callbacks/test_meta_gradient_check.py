@@ -287,3 +287,17 @@ def test_under_ddp_a_nan_on_one_rank_fails_the_check_on_every_rank_naming_it(tmp
 def test_under_ddp_a_mismatch_names_the_rank_whose_figures_it_shows(tmp_path):
     with pytest.raises(Exception, match=r"rank [01] \(the largest error over 2 ranks\)"):
         _ddp_check(UnsyncedGradients(tanh_mlp(), inner_lr=0.3, inner_steps=2), tmp_path)
+
+
+def test_check_passes_for_protomaml_and_refuses_imaml_saying_what_its_update_is():
+    net = nn.Sequential(
+        nn.Conv2d(1, 3, 3), nn.ELU(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(12, 3)
+    )
+    check = MetaGradientCheck(every_n_steps=1, rtol=1e-6)
+    module = MAMLModule(
+        net, loss="cross_entropy", inner_lr=0.3, inner_steps=2, algorithm="protomaml"
+    )
+    _fit(module, _conv_loader(), [check], max_steps=2, precision="64-true")
+    assert check.last_result["max_rel_error"] < 1e-6
+    with pytest.raises(MisconfigurationException, match="implicit gradient at the exact minimiser"):
+        _fit(MAMLModule(MLP(), algorithm="imaml"), _sinusoid(), [MetaGradientCheck()])
