@@ -165,7 +165,9 @@ class MAMLModule(pl.LightningModule):
         algorithm: ``"maml"`` (second order, default), ``"fomaml"`` (first order),
             ``"reptile"``, ``"anil"`` (the last layer adapts), ``"metasgd"`` (learned
             per-parameter inner step sizes), ``"maml++"`` (learned per-layer per-step step sizes,
-            multi-step loss), or an :class:`~lightning_maml.functional.algorithms.Algorithm`
+            multi-step loss), ``"imaml"`` (implicit gradients of a regularised inner problem),
+            ``"protomaml"`` (each task's head from its class prototypes), or an
+            :class:`~lightning_maml.functional.algorithms.Algorithm`
             object for other settings (e.g. ``ANIL(head=["classifier.*"])``). Learned step sizes
             are initialised to ``inner_lr`` and meta-trained with ``net`` (they are this module's
             parameters, under ``algorithm.``).
@@ -274,7 +276,7 @@ class MAMLModule(pl.LightningModule):
                 f"algorithm object of its own (e.g. algorithm={type(algorithm_object).__name__}"
                 "(...) in each)"
             )
-        algorithm_object.bind(split_parameters(net)[0], self.inner_lr, self.inner_steps)
+        algorithm_object.bind(split_parameters(net)[0], self.inner_lr, self.inner_steps, net=net)
         algorithm_object._module_owned = True
         check_vectorize(vectorize)
         if on_nonfinite not in ("raise", "skip"):

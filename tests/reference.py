@@ -110,6 +110,8 @@ def family_task_objectives(
     first_order: bool = False,
     weights: list[float] | None = None,
     anchor: tuple[dict[str, Tensor], Callable[[str, int], float | Tensor]] | None = None,
+    per_step: Callable[[int], dict[str, Tensor]] | None = None,
+    anchor_per_step: Callable[[int], dict[str, Tensor]] | None = None,
 ) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
     """Per task, the outer objective of a MAML-family algorithm and the adapted parameters, as an
     explicit autograd loop.
@@ -118,11 +120,19 @@ def family_task_objectives(
     learned or not); ``adapt`` the parameters that adapt (default all); ``weights`` the multi-step
     loss weights (default: the last step's query loss). First order: each inner gradient is taken
     (without a graph) on the trajectory from ``anchor = (params0, rate0)`` (default ``params`` and
-    ``rate``) and applied to ``params`` with ``rate``.
+    ``rate``) and applied to ``params`` with ``rate``. ``per_step(k)`` (MAML++'s per-step
+    BatchNorm weights and biases): tensors replacing some parameters that do not adapt in the
+    forward passes of step ``k`` and the query pass after it (``anchor_per_step`` on the anchor's
+    trajectory; default the same).
     """
     support_x, support_y, query_x, query_y = tasks
     names = list(params) if adapt is None else adapt
     anchor_params, anchor_rate = anchor if anchor is not None else (params, rate)
+    anchor_per_step = anchor_per_step or per_step
+
+    def seen(values, k, replace=per_step):
+        return values if replace is None else {**values, **replace(k)}
+
     objectives, adapted = [], []
     for t in range(support_x.shape[0]):
         fast = dict(params)
@@ -130,7 +140,8 @@ def family_task_objectives(
         query_losses = []
         for k in range(steps):
             if first_order:
-                at = {n: p.detach().requires_grad_(n in names) for n, p in plain.items()}
+                at = seen(plain, k, anchor_per_step)
+                at = {n: p.detach().requires_grad_(n in names) for n, p in at.items()}
                 loss = loss_fn(functional_call(net, at, (support_x[t],)), support_y[t])
                 grads = torch.autograd.grad(loss, [at[n] for n in names])
                 for n, g in zip(names, grads):
@@ -138,14 +149,15 @@ def family_task_objectives(
                     plain[n] = plain[n] - (r.detach() if isinstance(r, Tensor) else r) * g
                     fast[n] = fast[n] - rate(n, k) * g
             else:
-                loss = loss_fn(functional_call(net, fast, (support_x[t],)), support_y[t])
+                loss = loss_fn(functional_call(net, seen(fast, k), (support_x[t],)), support_y[t])
                 grads = torch.autograd.grad(loss, [fast[n] for n in names], create_graph=True)
                 fast = {**fast, **{n: fast[n] - rate(n, k) * g for n, g in zip(names, grads)}}
             if weights is not None:
-                prediction = functional_call(net, fast, (query_x[t],))
+                prediction = functional_call(net, seen(fast, k), (query_x[t],))
                 query_losses.append(loss_fn(prediction, query_y[t]))
         if weights is None:
-            objective = loss_fn(functional_call(net, fast, (query_x[t],)), query_y[t])
+            last = seen(fast, max(steps - 1, 0))
+            objective = loss_fn(functional_call(net, last, (query_x[t],)), query_y[t])
         else:
             objective = sum(w * q for w, q in zip(weights, query_losses))
         objectives.append(objective)

@@ -35,6 +35,18 @@ def small_conv_net(classes: int = 3) -> nn.Module:
     )
 
 
+def small_bn_net(classes: int = 3) -> nn.Module:
+    """``small_conv_net`` with a BatchNorm layer after its convolution."""
+    return nn.Sequential(
+        nn.Conv2d(1, 3, 3),
+        nn.BatchNorm2d(3),
+        nn.ELU(),
+        nn.AvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(3 * 2 * 2, classes),
+    )
+
+
 def regression_tasks(n_tasks=3, k=5, q=6, dtype=torch.float64, generator=None):
     g = generator or torch.Generator().manual_seed(1)
     sx = torch.rand(n_tasks, k, 1, generator=g, dtype=dtype) * 4 - 2

@@ -91,10 +91,32 @@ def _eeg_episodes(n_tasks=6):
     return Episode(sx, sy, qx, qy)
 
 
-def test_predict_returns_each_episodes_adapted_query_predictions_batch_norm_included():
+@pytest.mark.parametrize(
+    "make_algorithm",
+    [
+        lambda: "maml",
+        lambda: MAMLPlusPlus(per_step_bn=True),
+        lambda: IMAML(lam=5.0),
+        lambda: ProtoMAML(),
+    ],
+    ids=["maml", "maml++ per-step bn", "imaml", "protomaml"],
+)
+def test_predict_returns_each_episodes_adapted_query_predictions_batch_norm_included(
+    make_algorithm,
+):
     pl.seed_everything(0)
     net = EEGNet(3, 32, 2, sampling_rate=16)  # BatchNorm and dropout layers
-    module = MAMLModule(net, loss="cross_entropy", inner_lr=0.1, eval_inner_steps=3)
+    module = MAMLModule(
+        net,
+        loss="cross_entropy",
+        inner_lr=0.1,
+        inner_steps=2,
+        eval_inner_steps=3,
+        algorithm=make_algorithm(),
+    )
+    with torch.no_grad():  # learned tensors apart from their initial values
+        for t in module.algorithm.parameters():
+            t.mul_(1 + 0.3 * torch.rand_like(t))
     episodes = _eeg_episodes()
     predictions = quiet_trainer().predict(module, DataLoader(TaskSet(episodes), batch_size=4))
     assert [p.shape for p in predictions] == [(4, 8, 2), (2, 8, 2)]
@@ -151,3 +173,30 @@ def test_adapt_takes_imamls_regularised_steps():
     # not plain SGD: the pull towards the meta-parameters shows
     plain = _plain_sgd(module.net, sx, sy, lambda n, s: 0.2, 6)
     assert (plain(qx) - expected).abs().max() > 1e-4
+
+
+def test_per_step_batch_norm_trains_restores_from_a_checkpoint_and_adapts_alike(tmp_path):
+    pl.seed_everything(0)
+    module = MAMLModule(
+        EEGNet(3, 32, 2, sampling_rate=16, dropout=0.0),
+        loss="cross_entropy",
+        inner_lr=0.1,
+        inner_steps=2,
+        algorithm=MAMLPlusPlus(msl_epochs=1, per_step_bn=True),
+    )
+    before = [t.detach().clone() for t in module.algorithm.bn]
+    assert [tuple(t.shape) for t in before] == [(2, 8), (2, 8), (2, 16), (2, 16), (2, 16), (2, 16)]
+    trainer = quiet_trainer(max_steps=3, enable_checkpointing=True, default_root_dir=tmp_path)
+    trainer.fit(module, DataLoader(TaskSet(_eeg_episodes()), batch_size=2))
+    moved = [not torch.equal(a, b) for a, b in zip(before, module.algorithm.bn)]
+    assert all(moved)  # every per-step weight and bias is meta-learned
+    assert (
+        module.net.temporal[1].weight.grad is None or not module.net.temporal[1].weight.grad.any()
+    )
+    ckpt = next(tmp_path.rglob("*.ckpt"))
+    loaded = MAMLModule.load_from_checkpoint(ckpt)
+    assert loaded.algorithm.per_step_bn
+    episodes = _eeg_episodes(2)
+    a = module.adapt(episodes.support_x[0], episodes.support_y[0], steps=4)
+    b = loaded.adapt(episodes.support_x[0], episodes.support_y[0], steps=4)
+    torch.testing.assert_close(a(episodes.query_x[0]), b(episodes.query_x[0]))

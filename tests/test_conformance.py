@@ -22,7 +22,7 @@ from reference import (
     prototype_head,
     regularised_gradient_descent,
 )
-from tasks import image_tasks, regression_tasks, small_conv_net, tanh_mlp
+from tasks import image_tasks, regression_tasks, small_bn_net, small_conv_net, tanh_mlp
 from torch import Tensor, nn
 
 from lightning_maml.functional import (
@@ -57,6 +57,7 @@ class Case:
     prototypes: bool = False  # ProtoMAML: each task's head starts from its class prototypes
     families: tuple[str, ...] = ("mlp", "conv")
     compiled: bool = True  # also a row on the compiled path
+    per_step_bn: bool = False  # MAML++'s per-step BatchNorm weights and biases
 
 
 ALGORITHMS = {
@@ -80,6 +81,23 @@ ALGORITHMS = {
     ),
     "maml++ second-order epoch": Case(
         lambda: MAMLPlusPlus(msl_epochs=0, first_order_epochs=2), epoch=2, rates="per-layer-step"
+    ),
+    "maml++ per-step bn": Case(
+        lambda: MAMLPlusPlus(msl_epochs=4, per_step_bn=True),
+        epoch=1,
+        rates="per-layer-step",
+        weights=[0.375, 0.625],
+        per_step_bn=True,
+        families=("bn",),
+    ),
+    "maml++ per-step bn first-order epoch": Case(
+        lambda: MAMLPlusPlus(msl_epochs=0, first_order_epochs=2, per_step_bn=True),
+        epoch=1,
+        rates="per-layer-step",
+        first_order=True,
+        per_step_bn=True,
+        families=("bn",),
+        compiled=False,
     ),
     "reptile": Case(Reptile, first_order=True, reptile=True),
     # conjugate gradient run to its float64 limit, against the solve with the full Hessian
@@ -123,14 +141,32 @@ def _network(family: str, dtype: torch.dtype) -> tuple[nn.Module, object, tuple[
     torch.manual_seed(0)
     if family == "mlp":
         return tanh_mlp().to(dtype), mse_loss, regression_tasks(dtype=dtype)
-    return small_conv_net().to(dtype), nn.functional.cross_entropy, image_tasks(dtype=dtype)
+    net = small_bn_net() if family == "bn" else small_conv_net()
+    return net.to(dtype), nn.functional.cross_entropy, image_tasks(dtype=dtype)
+
+
+def _norm_names(net: nn.Module) -> list[str]:
+    # the BatchNorm weights and biases, in the network's order
+    return [
+        f"{prefix}.{kind}"
+        for prefix, module in net.named_modules()
+        if isinstance(module, nn.BatchNorm2d)
+        for kind in ("weight", "bias")
+    ]
+
+
+def _per_step(case: Case, net: nn.Module, learned: dict[str, Tensor]):
+    if not case.per_step_bn:
+        return None
+    tensors = {n: learned[f"bn.{i}"] for i, n in enumerate(_norm_names(net))}
+    return lambda k: {n: t[min(k, STEPS - 1)] for n, t in tensors.items()}
 
 
 def _setup(case: Case, family: str, dtype: torch.dtype):
     net, loss_fn, tasks = _network(family, dtype)
     algorithm = case.make().to(dtype)
     params = dict(net.named_parameters())
-    algorithm.bind(params, INNER_LR, STEPS)
+    algorithm.bind(params, INNER_LR, STEPS, net=net)
     with torch.no_grad():  # learned step sizes of their own, not all equal to inner_lr
         g = torch.Generator().manual_seed(3)
         for t in algorithm.parameters():
@@ -152,7 +188,8 @@ def _adapted(case: Case, net: nn.Module) -> list[str]:
         last = [m for m in net.modules() if list(m.parameters(recurse=False))][-1]
         head = {id(p) for p in last.parameters(recurse=False)}
         return [n for n, p in net.named_parameters() if id(p) in head]
-    return [n for n, _ in net.named_parameters()]
+    norms = _norm_names(net) if case.per_step_bn else []  # meta-learned per step, not adapted
+    return [n for n, _ in net.named_parameters() if n not in norms]
 
 
 def _reference_objective(case, net, loss_fn, tasks, inputs, anchor=None):
@@ -182,6 +219,8 @@ def _reference_objective(case, net, loss_fn, tasks, inputs, anchor=None):
             first_order=case.first_order,
             weights=case.weights,
             anchor=None if anchor is None else (task_anchor, anchor_rate),
+            per_step=_per_step(case, net, learned),
+            anchor_per_step=None if anchor is None else _per_step(case, net, anchor_learned),
         )
         objectives += objective
     return torch.stack(objectives).mean()

@@ -114,10 +114,17 @@ class Algorithm(nn.Module):
         self._bound: tuple[str, ...] | None = None
 
     # ---- set up once per network ------------------------------------------------------------
-    def bind(self, params: Mapping[str, Tensor], inner_lr: float, inner_steps: int) -> None:
+    def bind(
+        self,
+        params: Mapping[str, Tensor],
+        inner_lr: float,
+        inner_steps: int,
+        net: nn.Module | None = None,
+    ) -> None:
         """Set the algorithm up for a network with these trainable ``params`` (called by
-        :class:`~lightning_maml.MAMLModule` at construction, and by the engine on every call):
-        checks that ``adapt`` selects something and creates learned tensors.
+        :class:`~lightning_maml.MAMLModule` at construction, and by the engine on every call,
+        with the network as ``net``): checks that ``adapt`` selects something and creates
+        learned tensors.
 
         Binding again to the same parameters, or to some of them (a layer frozen since, which then
         stays fixed), does nothing more; to parameters it was not set up for raises where the
@@ -181,6 +188,14 @@ class Algorithm(nn.Module):
         :meth:`learned`): a number, a mapping name -> rate, or a function step -> either."""
         return inner_lr
 
+    def step_parameters(
+        self, learned: Mapping[str, Tensor]
+    ) -> Callable[[int], dict[str, Tensor]] | None:
+        """Tensors (from ``learned``) that stand in for some parameters that do not adapt, for
+        the forward passes of each inner step (a function ``step -> {name: tensor}``; the query
+        pass after the last step uses the last step's), or ``None``: the parameters themselves."""
+        return None
+
     def is_first_order(self, epoch: int) -> bool:
         """Whether the inner gradients are constants in the given training epoch."""
         return self.first_order
@@ -242,10 +257,12 @@ class Algorithm(nn.Module):
         """
         names = self.adapted(params)
         start = params if self.has_objective else {n: p.detach() for n, p in params.items()}
-        anchor_params = anchor_lr = None
+        stand_ins = self.step_parameters(learned)
+        anchor_params = anchor_lr = anchor_stand_ins = None
         if anchor is not None:
             anchor_params, anchor_learned = anchor
             anchor_lr = self.rates(inner_lr, anchor_learned, names)
+            anchor_stand_ins = self.step_parameters(anchor_learned)
         steps = adapt_parameters(
             net,
             start,
@@ -262,15 +279,25 @@ class Algorithm(nn.Module):
             anchor=anchor_params,
             anchor_lr=anchor_lr,
             trajectory=True,
+            step_parameters=stand_ins,
+            anchor_step_parameters=anchor_stand_ins,
         )
         adapted = steps[-1] if steps else start
-        prediction = forward(net, adapted, constants, query_x, vectorized)
+
+        def seen_at(step: int, values: dict[str, Tensor]) -> dict[str, Tensor]:
+            return values if stand_ins is None else {**values, **stand_ins(step)}
+
+        prediction = forward(
+            net, seen_at(max(inner_steps - 1, 0), adapted), constants, query_x, vectorized
+        )
         query_loss = scalar_loss(loss_fn, prediction, query_y)
         objective = query_loss
         if step_weights is not None and len(steps) > 1:
             losses = [
-                scalar_loss(loss_fn, forward(net, p, constants, query_x, vectorized), query_y)
-                for p in steps[:-1]
+                scalar_loss(
+                    loss_fn, forward(net, seen_at(k, p), constants, query_x, vectorized), query_y
+                )
+                for k, p in enumerate(steps[:-1])
             ]
             weights = step_weights.to(query_loss.dtype)
             objective = (torch.stack([*losses, query_loss]) * weights).sum()
@@ -297,6 +324,7 @@ class Algorithm(nn.Module):
         start = self.start(net, params, constants, support_x, support_y, vectorized=False)
         start = {n: p.detach() for n, p in start.items()}
         names = self.adapted(start)
+        stand_ins = self.step_parameters(learned)
         adapted = adapt_parameters(
             net,
             start,
@@ -308,7 +336,10 @@ class Algorithm(nn.Module):
             inner_steps,
             first_order=True,
             adapt=names,
+            step_parameters=stand_ins,
         )
+        if stand_ins is not None:  # as the query pass after the last step sees them
+            adapted = {**adapted, **stand_ins(max(inner_steps - 1, 0))}
         return {n: t.detach() for n, t in adapted.items()}
 
     def with_order(self, first_order: bool) -> Algorithm:
@@ -560,24 +591,72 @@ class MAMLPlusPlus(Algorithm):
       query loss alone.
     - Derivative-order annealing (``first_order_epochs``): first order in the first
       ``first_order_epochs`` epochs, second order afterwards.
+    - Per-step BatchNorm weights and biases (``per_step_bn=True``, BNWB): every BatchNorm layer's
+      weight and bias get one learned copy per inner step (initialised from the layer's), used by
+      that step's support pass and by the query pass after it (past the trained steps, the last
+      step's); they are meta-learned, not adapted in the inner loop, and the layer's own weight
+      and bias are then unused.
 
-    (Its per-step batch-normalisation statistics are not included: normalisation layers here
-    always use each task's own batch statistics.)
+    Per-step BatchNorm running statistics (BNRS) are not kept: the paper's code and
+    learn2learn's ``MetaBatchNorm`` normalise with the batch's statistics at every step, in
+    training and evaluation alike, and only collect per-step running statistics; here every task
+    is normalised with its own batch statistics the same way, so they would change no output.
 
     Args:
         msl_epochs: epochs with the multi-step loss (0: never).
         first_order_epochs: epochs of first-order training before second order (0: never).
         adapt: which parameters adapt (see :class:`Algorithm`).
+        per_step_bn: per-step BatchNorm weights and biases (the network needs a BatchNorm layer
+            with trainable weight and bias).
     """
 
     name = "maml++"
 
     def __init__(
-        self, msl_epochs: int = 10, first_order_epochs: int = 0, adapt: Sequence[str] | None = None
+        self,
+        msl_epochs: int = 10,
+        first_order_epochs: int = 0,
+        adapt: Sequence[str] | None = None,
+        per_step_bn: bool = False,
     ) -> None:
         super().__init__(first_order=False, adapt=adapt)
         self.msl_epochs = check_count(msl_epochs, "msl_epochs", minimum=0)
         self.first_order_epochs = check_count(first_order_epochs, "first_order_epochs", minimum=0)
+        if not isinstance(per_step_bn, bool):
+            raise TypeError(f"`per_step_bn` must be True or False, got {per_step_bn!r}")
+        self.per_step_bn = per_step_bn
+        #: the BatchNorm weights and biases that have per-step copies (``per_step_bn``)
+        self._norm_names: list[str] = []
+
+    def bind(
+        self,
+        params: Mapping[str, Tensor],
+        inner_lr: float,
+        inner_steps: int,
+        net: nn.Module | None = None,
+    ) -> None:
+        if self.per_step_bn and self._bound is None:
+            if net is None:
+                raise ValueError(
+                    "MAMLPlusPlus(per_step_bn=True) finds the BatchNorm layers in the network: "
+                    "bind(params, inner_lr, inner_steps, net=<the network>)"
+                )
+            self._norm_names = [
+                f"{prefix}.{kind}"
+                for prefix, module in net.named_modules()
+                if isinstance(module, nn.modules.batchnorm._BatchNorm)
+                for kind in ("weight", "bias")
+                if f"{prefix}.{kind}" in params
+            ]
+            if not self._norm_names:
+                raise ValueError(
+                    f"MAMLPlusPlus(per_step_bn=True): {type(net).__name__} has no BatchNorm layer "
+                    "with a trainable weight or bias"
+                )
+        super().bind(params, inner_lr, inner_steps, net)
+
+    def adapted(self, params: Mapping[str, Tensor]) -> list[str]:
+        return [n for n in super().adapted(params) if n not in self._norm_names]
 
     def _bind(self, params: Mapping[str, Tensor], inner_lr: float, inner_steps: int) -> None:
         names = self.adapted(params)
@@ -586,6 +665,21 @@ class MAMLPlusPlus(Algorithm):
             [nn.Parameter(params[n].new_full((steps,), inner_lr).detach()) for n in names]
         )
         self._lr_names = names
+        if self.per_step_bn:
+            self.bn = nn.ParameterList(
+                [
+                    nn.Parameter(params[n].detach().expand(steps, *params[n].shape).clone())
+                    for n in self._norm_names
+                ]
+            )
+
+    def step_parameters(
+        self, learned: Mapping[str, Tensor]
+    ) -> Callable[[int], dict[str, Tensor]] | None:
+        if not self.per_step_bn:
+            return None
+        per_name = [(n, learned[f"bn.{i}"]) for i, n in enumerate(self._norm_names)]
+        return lambda step: {n: t[min(step, t.shape[0] - 1)] for n, t in per_name}
 
     def rates(
         self, inner_lr: float, learned: Mapping[str, Tensor], names: Sequence[str]
@@ -611,8 +705,10 @@ class MAMLPlusPlus(Algorithm):
         return weights
 
     def extra_repr(self) -> str:
-        return f"msl_epochs={self.msl_epochs}, first_order_epochs={self.first_order_epochs}" + (
-            f", adapt={self.adapt}" if self.adapt is not None else ""
+        return (
+            f"msl_epochs={self.msl_epochs}, first_order_epochs={self.first_order_epochs}"
+            + (f", adapt={self.adapt}" if self.adapt is not None else "")
+            + (", per_step_bn=True" if self.per_step_bn else "")
         )
 
 
@@ -932,8 +1028,10 @@ def task_meta_loss(
         )
         anchor_pair = ({n: t.detach() for n, t in anchor_params.items()}, anchor_learned)
     if track_initial_loss:
+        stand_ins = algorithm.step_parameters(learned)
         with torch.no_grad():
-            before = forward(net, params, constants, query_x, vectorized)
+            seen = params if stand_ins is None else {**params, **stand_ins(0)}
+            before = forward(net, seen, constants, query_x, vectorized)
             initial = scalar_loss(loss_fn, before, query_y)
     else:
         initial = query_x.new_zeros(())

@@ -76,6 +76,8 @@ def adapt_parameters(
     anchor: Mapping[str, Tensor] | None = None,
     anchor_lr: Schedule | None = None,
     trajectory: bool = False,
+    step_parameters: Callable[[int], Mapping[str, Tensor]] | None = None,
+    anchor_step_parameters: Callable[[int], Mapping[str, Tensor]] | None = None,
 ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
     """Run ``inner_steps`` of :func:`sgd_step` on one task's support set and return the adapted
     parameters (``trajectory=True``: the parameters after each step, ``inner_steps`` dicts).
@@ -104,6 +106,12 @@ def adapt_parameters(
     ``vectorized=True`` says the call runs under :func:`torch.func.vmap` (see
     :func:`~lightning_maml.functional.forward`).
 
+    ``step_parameters(step)`` gives tensors that stand in for some parameters that do not adapt
+    during that step's forward pass (MAML++'s per-step BatchNorm weights and biases); the
+    returned parameters are the adapted ones with the others as given. First order, their
+    stand-ins on the anchor's trajectory are ``anchor_step_parameters`` (default: the same,
+    as values).
+
     Example::
 
         >>> import torch
@@ -129,15 +137,21 @@ def adapt_parameters(
     def gradients(moving: dict[str, Tensor], still: Mapping[str, Tensor]) -> dict[str, Tensor]:
         return torch.func.grad(support_loss)(moving, still)
 
+    def at_step(step: int, values: Mapping[str, Tensor], stand_ins: Callable | None) -> dict:
+        # the parameters that do not adapt, as the forward pass of ``step`` sees them
+        return dict(values) if stand_ins is None else {**values, **stand_ins(step)}
+
     steps: list[dict[str, Tensor]] = []
     if first_order:
         start = anchor if anchor is not None else params
         fixed_values = {n: start[n].detach() for n in fixed}
         moving_anchor = {n: start[n].detach() for n in names}
         moving = {n: params[n] for n in names}
+        anchor_stand_ins = anchor_step_parameters or step_parameters
         for step in range(inner_steps):
             rates = _rates_at(inner_lr, step)
-            grads = gradients(moving_anchor, fixed_values)
+            still = at_step(step, fixed_values, anchor_stand_ins)
+            grads = gradients(moving_anchor, {n: t.detach() for n, t in still.items()})
             anchor_rates = rates if anchor_lr is None else _rates_at(anchor_lr, step)
             moving_anchor = sgd_step(moving_anchor, grads, _detached(anchor_rates))
             moving = sgd_step(moving, grads, rates)  # grads are values: first order
@@ -152,13 +166,21 @@ def adapt_parameters(
                 if isinstance(value, Tensor):
                     rate_names.append((step, key))
                     rate_tensors.append(value)
+        stand_in_names, stand_in_tensors = [], []
+        for step in range(inner_steps if step_parameters is not None else 0):
+            for key, value in step_parameters(step).items():
+                stand_in_names.append((step, key))
+                stand_in_tensors.append(value)
 
         def step_fn(step: int, n_moving: int, *flat: Tensor) -> tuple[Tensor, ...]:
             # every tensor the step reads is an input: reentrant checkpointing differentiates
             # inputs only. BatchNorm mode is set inside, so the recomputation sees the same one
             moving = dict(zip(names, flat[:n_moving]))
-            still = dict(zip(fixed_names, flat[n_moving : n_moving + len(fixed_names)]))
-            tensors = dict(zip(rate_names, flat[n_moving + len(fixed_names) :]))
+            at = n_moving + len(fixed_names)
+            still = dict(zip(fixed_names, flat[n_moving:at]))
+            tensors = dict(zip(rate_names, flat[at : at + len(rate_tensors)]))
+            stand_ins = dict(zip(stand_in_names, flat[at + len(rate_tensors) :]))
+            still.update({key: t for (s, key), t in stand_ins.items() if s == step})
             rates = _rates_at(inner_lr, step)
             if isinstance(rates, Mapping):
                 rates = {k: tensors.get((step, k), v) for k, v in rates.items()}
@@ -168,7 +190,7 @@ def adapt_parameters(
                 return tuple(sgd_step(moving, gradients(moving, still), rates).values())
 
         flat = tuple(params[n] for n in names)
-        extra = (*(fixed[n] for n in fixed_names), *rate_tensors)
+        extra = (*(fixed[n] for n in fixed_names), *rate_tensors, *stand_in_tensors)
         for step in range(inner_steps):
             flat = torch.utils.checkpoint.checkpoint(
                 partial(step_fn, step, len(names)), *flat, *extra, use_reentrant=True
@@ -177,7 +199,8 @@ def adapt_parameters(
     else:
         moving = {n: params[n] for n in names}
         for step in range(inner_steps):
-            moving = sgd_step(moving, gradients(moving, fixed), _rates_at(inner_lr, step))
+            still = at_step(step, fixed, step_parameters)
+            moving = sgd_step(moving, gradients(moving, still), _rates_at(inner_lr, step))
             steps.append({**fixed, **moving})
     if trajectory:
         return steps

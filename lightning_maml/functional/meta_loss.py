@@ -208,7 +208,7 @@ def meta_loss(
             "`params` were given: unfreeze at least one parameter or pass `params`"
         )
     check_checkpointing(checkpoint_inner_steps, vectorize, compile_mode)
-    algo.bind(params, inner_lr, inner_steps)
+    algo.bind(params, inner_lr, inner_steps, net=net)
     if isinstance(algorithm, str) and algo.learned():
         raise ValueError(
             f"algorithm {algorithm!r} learns tensors of its own: create it once "
