@@ -16,7 +16,7 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_maml import Episode
-from lightning_maml.functional import meta_loss
+from lightning_maml.functional import Algorithm, meta_loss
 
 
 def quiet_lightning_info() -> None:
@@ -159,11 +159,17 @@ def plot_accuracy_vs_k(
 
 
 def adapted_accuracies(
-    net: torch.nn.Module, batch: Episode, lr: float, steps: int, chunk: int | None = None
+    net: torch.nn.Module,
+    batch: Episode,
+    lr: float,
+    steps: int,
+    chunk: int | None = None,
+    algorithm: str | Algorithm = "fomaml",
 ) -> list[float]:
     """Query accuracy per episode of ``batch`` after ``steps`` SGD steps of size ``lr`` on its
     support set, from ``net``'s parameters (first order, no graph to them); ``chunk`` episodes
-    per call (``None``: all at once)."""
+    per call (``None``: all at once). ``algorithm`` (first order) adapts its own way, e.g.
+    ProtoMAML from the prototype head or iMAML by its regularised steps."""
     params = {name: p.detach() for name, p in net.named_parameters()}
     size = chunk or len(batch.support_x)
     results: list[float] = []
@@ -176,7 +182,7 @@ def adapted_accuracies(
                 *part,
                 inner_lr=lr,
                 inner_steps=steps,
-                algorithm="fomaml",
+                algorithm=algorithm,
                 params=params,
                 track_initial_loss=False,
             )

@@ -6,12 +6,13 @@ digit to adapt on, 10 other images per digit to score) and uses the example's ne
 64-64-64 with a 3-way output):
 
 - MAML: ``examples/digits/few_shot.py``'s setup, meta-trained on episodes of digits 0-6 (one
-  model per K);
+  model per K); ProtoMAML and iMAML (``lam = 1 / inner_lr``) the same with their algorithm, and
+  adapted their own way (ProtoMAML from the prototype head, iMAML by its regularised steps);
 - normal + fine-tuning: ``examples/digits/classifier.py``'s classifier trained on digits 0-6
   (7-way), its output layer replaced by a fresh 3-way one, every parameter fine-tuned;
 - scratch: a fresh network trained on the support images alone.
 
-Each method adapts with plain SGD on the support images; its step size (0.01, 0.1, 0.4 or 1.0)
+Each method adapts with SGD on the support images; its step size (0.01, 0.1, 0.4 or 1.0)
 and number of steps (10 or 100) are chosen, the same way for all three, as the best on 200
 episodes of the training digits 0-6, never on 7-9. Reports accuracy (mean and 95% interval over
 episodes), the chosen settings, a figure, JSON and the wall time.
@@ -44,6 +45,7 @@ from classifier import Classifier, Digits, DigitsDataModule, make_net  # noqa: E
 
 from lightning_maml import Episode, MAMLModule  # noqa: E402
 from lightning_maml.datamodules import FewShotDataModule  # noqa: E402
+from lightning_maml.functional import IMAML, ProtoMAML  # noqa: E402
 
 SEEN, UNSEEN = list(range(7)), [7, 8, 9]
 STEP_SIZES = (0.01, 0.1, 0.4, 1.0)
@@ -91,7 +93,16 @@ def episodes(
     return Episode(*(torch.stack(parts) for parts in zip(*(drawn[i] for i in range(len(drawn))))))
 
 
-def train_maml(k: int, args: argparse.Namespace) -> nn.Module:
+INNER_LR = 0.4  # examples/digits/few_shot.py's
+#: the meta-learning methods: how each meta-trains (its algorithm) and adapts (first order)
+META = {
+    "MAML": (lambda: "maml", lambda: "fomaml"),
+    "ProtoMAML": (ProtoMAML, lambda: ProtoMAML(first_order=True)),
+    "iMAML": (lambda: IMAML(lam=1 / INNER_LR), lambda: IMAML(lam=1 / INNER_LR, first_order=True)),
+}
+
+
+def train_maml(k: int, args: argparse.Namespace, algorithm="maml") -> nn.Module:
     """examples/digits/few_shot.py's model and data, meta-trained with K support images."""
     pl.seed_everything(args.seed, verbose=False)
     classifier = Classifier(n_classes=3)
@@ -107,8 +118,9 @@ def train_maml(k: int, args: argparse.Namespace) -> nn.Module:
     module = MAMLModule(
         classifier.net,
         loss="cross_entropy",
-        inner_lr=0.4,
+        inner_lr=INNER_LR,
         inner_steps=1,
+        algorithm=algorithm,
         optimizers_from=classifier,
     )
     trainer(args).fit(module, data)
@@ -134,11 +146,13 @@ def with_new_head(body_from: nn.Module | None, seed: int) -> nn.Module:
     return net
 
 
-def best_adaptation(net: nn.Module, k: int, args: argparse.Namespace) -> tuple[float, int]:
+def best_adaptation(
+    net: nn.Module, k: int, args: argparse.Namespace, algorithm="fomaml"
+) -> tuple[float, int]:
     """The (step size, steps) with the best accuracy on episodes of the training digits."""
     seen = episodes(SEEN, k, args, seed=args.seed + 1, count=200)
     scores = {
-        (lr, steps): sum(adapted_accuracies(net, seen, lr, steps))
+        (lr, steps): sum(adapted_accuracies(net, seen, lr, steps, algorithm=algorithm))
         for lr in STEP_SIZES
         for steps in STEPS
     }
@@ -155,19 +169,21 @@ def main() -> None:
     normal = train_normally(args)
     rows = []
     progress = tqdm(
-        total=3 * len(args.k_shots), desc="choosing steps and testing", disable=args.no_progress_bar
+        total=(len(META) + 2) * len(args.k_shots),
+        desc="choosing steps and testing",
+        disable=args.no_progress_bar,
     )
     for k in args.k_shots:
         test = episodes(UNSEEN, k, args, seed=args.seed + 100 + k)
-        maml = train_maml(k, args)
         models = {
-            "MAML": maml,
-            "normal + fine-tuning": with_new_head(normal, args.seed),
-            "scratch": with_new_head(None, args.seed),
+            name: (train_maml(k, args, make()), adapt()) for name, (make, adapt) in META.items()
         }
-        for name, net in models.items():
-            lr, steps = best_adaptation(net, k, args)
-            accuracy, ci = mean_and_ci95(adapted_accuracies(net, test, lr, steps))
+        models["normal + fine-tuning"] = (with_new_head(normal, args.seed), "fomaml")
+        models["scratch"] = (with_new_head(None, args.seed), "fomaml")
+        for name, (net, adapting) in models.items():
+            lr, steps = best_adaptation(net, k, args, adapting)
+            accuracies = adapted_accuracies(net, test, lr, steps, algorithm=adapting)
+            accuracy, ci = mean_and_ci95(accuracies)
             rows.append(
                 {"method": name, "K": k, "accuracy": accuracy, "ci95": ci, "lr": lr, "steps": steps}
             )

@@ -11,9 +11,12 @@ then every method is given the same K labelled trials per class of the test subj
 set) and scored on the rest of that subject's trials (the query set): never in a support set, an
 alignment estimate or a fit, except where a method is labelled *transductive*. Methods:
 
-- ``maml``, ``fomaml``, ``anil``, ``metasgd``: EEGNet-8,2 meta-trained on episodes of the training
-  subjects with ``MAMLModule``, adapted on the support set with its own inner rule (Meta-SGD with
-  its learned step sizes) for ``eval_steps`` steps (``MAMLModule.adapt``'s computation);
+- ``maml``, ``fomaml``, ``anil``, ``metasgd``, ``imaml``, ``protomaml``: EEGNet-8,2 meta-trained on
+  episodes of the training subjects with ``MAMLModule``, adapted on the support set with its own
+  inner rule (Meta-SGD with its learned step sizes, iMAML its regularised steps, ProtoMAML from
+  the prototype head) for ``eval_steps`` steps (``MAMLModule.adapt``'s computation); iMAML with
+  ``lam = 1 / --inner-lr`` (one inner step of ``--inner-lr`` nearly solves its inner problem;
+  fixed in advance, as in the sinusoid and digits comparisons);
 - ``joint``: the same network trained on the same episodes without an inner loop, fine-tuned like
   MAML; ``scratch``: a new EEGNet trained on the support set alone;
 - ``csp-lda``: MNE's CSP (4 components, Ledoit-Wolf) + LDA on the training subjects (zero-shot),
@@ -55,7 +58,7 @@ import os
 import time
 from pathlib import Path
 
-FAMILY = ("maml", "fomaml", "anil", "metasgd")
+FAMILY = ("maml", "fomaml", "anil", "metasgd", "imaml", "protomaml")
 NETWORKS = (*FAMILY, "joint", "scratch")
 CLASSICAL = ("csp-lda", "ts-lr")
 
@@ -187,7 +190,8 @@ from tqdm import tqdm  # noqa: E402
 from lightning_maml import Episode, MAMLModule  # noqa: E402
 from lightning_maml.datamodules import MOABBDataModule  # noqa: E402
 from lightning_maml.datamodules.alignment import SupportAlignment  # noqa: E402
-from lightning_maml.functional import meta_loss  # noqa: E402
+from lightning_maml.functional import IMAML, meta_loss  # noqa: E402
+from lightning_maml.functional.algorithms import describe_algorithm  # noqa: E402
 from lightning_maml.models import EEGNet  # noqa: E402
 
 #: bump when what a stored fold holds changes meaning
@@ -197,6 +201,8 @@ NAMES = {
     "fomaml": "first-order MAML",
     "anil": "ANIL",
     "metasgd": "Meta-SGD",
+    "imaml": "iMAML",
+    "protomaml": "ProtoMAML",
     "joint": "joint + fine-tuning",
     "scratch": "scratch",
 }
@@ -204,6 +210,17 @@ CLASSICAL_ROWS = {
     "csp-lda": ["CSP+LDA zero-shot", "CSP+LDA + K"],
     "ts-lr": ["TS+LR zero-shot", "TS+LR zero-shot (transductive)", "TS+LR + K"],
 }
+
+
+#: family members meta-trained with settings other than a name's defaults, fixed in advance
+FAMILY_SETTINGS = {"imaml": lambda args: IMAML(lam=1 / args.inner_lr)}
+
+
+def family_algorithm(method: str, args: argparse.Namespace):
+    """The algorithm (a name or an object) a network method meta-trains with."""
+    if method in FAMILY_SETTINGS:
+        return FAMILY_SETTINGS[method](args)
+    return "maml" if method == "joint" else method
 
 
 # ---- data -----------------------------------------------------------------------------------
@@ -275,7 +292,7 @@ def train_network(data: MOABBDataModule, method: str, args: argparse.Namespace) 
         loss="cross_entropy",
         inner_lr=args.inner_lr,
         inner_steps=0 if method == "joint" else args.inner_steps,
-        algorithm="maml" if method == "joint" else method,
+        algorithm=family_algorithm(method, args),
         meta_lr=args.meta_lr,
     )
     batches_per_epoch = -(-data.episodes_per_epoch // data.meta_batch_size)
@@ -393,6 +410,7 @@ def fold_key(fold: dict, method: str, settings: list[dict], args: argparse.Names
         "fold": fold,
         "method": method,
         "settings": settings,
+        **({"family": _described(method, args)} if method in FAMILY_SETTINGS else {}),
         "k_shots": args.k_shots,
         "episodes": args.episodes,
         "seed": args.seed,
@@ -411,6 +429,10 @@ def fold_key(fold: dict, method: str, settings: list[dict], args: argparse.Names
         },
     }
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _described(method: str, args: argparse.Namespace) -> dict:
+    return describe_algorithm(family_algorithm(method, args))
 
 
 def run_method(fold: dict, method: str, settings: list[dict], args, cache: dict) -> list[dict]:
