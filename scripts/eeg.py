@@ -112,7 +112,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=1,
         help="torch intra-op threads (default 1, which never collapses; on a machine of your own "
-        "EEGNet runs about 1.5x faster with 2 on 2 cores, and 11x slower when another process "
+        "EEGNet runs about 10%% faster with 2 on 2 cores, and 3x slower when another process "
         "shares them)",
     )
     args = parser.parse_args(argv)
