@@ -35,7 +35,7 @@ from lightning_maml.functional import (
     resolve_loss,
     split_parameters,
 )
-from lightning_maml.functional.algorithms import describe_algorithm, split_prefixed
+from lightning_maml.functional.algorithms import TaskContext, describe_algorithm, split_prefixed
 from lightning_maml.functional.losses import cross_entropy_loss, describe_loss
 from lightning_maml.functional.meta_loss import AlgorithmName, Vectorize
 from lightning_maml.functional.parameters import forward, task_batch_norm
@@ -683,16 +683,9 @@ class MAMLModule(pl.LightningModule):
         self.net.eval()  # adapted as in validation and test: no dropout
         try:
             with torch.inference_mode(False), torch.enable_grad(), task_batch_norm(self.net):
+                context = TaskContext(self.net, self.loss_fn, constants, self.inner_lr, steps)
                 adapted = self.algorithm.adapt_values(
-                    self.net,
-                    self.loss_fn,
-                    params,
-                    learned,
-                    constants,
-                    support_x,
-                    support_y,
-                    inner_lr=self.inner_lr,
-                    inner_steps=steps,
+                    context, params, learned, support_x, support_y
                 )
         finally:
             self.net.train(training)

@@ -6,7 +6,7 @@
 - :mod:`~lightning_maml.functional.inner`: inner-loop update rules (:func:`sgd_step`,
   :func:`adapt_parameters`).
 - :mod:`~lightning_maml.functional.algorithms`: the MAML family as objects (MAML, FOMAML,
-  Reptile, ANIL, Meta-SGD, MAML++) and the task function they share.
+  Reptile, ANIL, Meta-SGD, MAML++, IMAML, ProtoMAML) and the task function they share.
 - :mod:`~lightning_maml.functional.execution`: tasks under vmap, in a loop or compiled, and the
   :class:`~lightning_maml.functional.execution.Executor` that remembers how.
 - :mod:`~lightning_maml.functional.meta_loss`: :func:`meta_loss`, the front.
@@ -55,6 +55,7 @@ from lightning_maml.functional.algorithms import (
     MetaSGD,
     ProtoMAML,
     Reptile,
+    TaskContext,
     register_algorithm,
     resolve_algorithm,
 )
@@ -85,6 +86,7 @@ __all__ = [
     "MetaSGD",
     "ProtoMAML",
     "Reptile",
+    "TaskContext",
     "adapt_parameters",
     "check_checkpointing",
     "check_compile",

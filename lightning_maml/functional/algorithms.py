@@ -33,14 +33,14 @@ import copy
 import fnmatch
 import inspect
 from collections.abc import Callable, Mapping, Sequence
-from functools import partial
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from lightning_maml._checks import check_count, check_inner_lr
 from lightning_maml._imports import import_by_path
+from lightning_maml.episode import Episode
 from lightning_maml.functional.inner import Schedule, adapt_parameters
 from lightning_maml.functional.losses import LossFn, scalar_loss
 from lightning_maml.functional.parameters import forward
@@ -56,6 +56,7 @@ __all__ = [
     "MetaSGD",
     "ProtoMAML",
     "Reptile",
+    "TaskContext",
     "describe_algorithm",
     "register_algorithm",
     "resolve_algorithm",
@@ -80,6 +81,31 @@ def split_prefixed(
     rest = {n: t for n, t in values.items() if not n.startswith(prefix)}
     prefixed = {n[len(prefix) :]: t for n, t in values.items() if n.startswith(prefix)}
     return rest, prefixed
+
+
+class TaskContext(NamedTuple):
+    """What one task's computation runs with besides its parameters and data: the network (run
+    functionally with :func:`~lightning_maml.functional.forward`), its loss, the tensors that
+    stand in for its buffers and frozen parameters, the inner loop's settings, and how the task
+    runs (``vectorized``: under :func:`torch.func.vmap`; ``checkpoint``: checkpointed steps)."""
+
+    net: nn.Module
+    loss_fn: LossFn
+    constants: dict[str, Tensor]
+    inner_lr: float
+    inner_steps: int
+    first_order: bool = False
+    checkpoint: bool = False
+    vectorized: bool = False
+
+    def loss(self, params: Mapping[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        """The loss of the network with ``params`` on ``(x, y)``."""
+        prediction = forward(self.net, params, self.constants, x, self.vectorized)
+        return scalar_loss(self.loss_fn, prediction, y)
+
+    def predict(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
+        """The network's outputs with ``params`` on ``x``."""
+        return forward(self.net, params, self.constants, x, self.vectorized)
 
 
 class Algorithm(nn.Module):
@@ -212,13 +238,7 @@ class Algorithm(nn.Module):
         return query_loss
 
     def start(
-        self,
-        net: nn.Module,
-        params: dict[str, Tensor],
-        constants: dict[str, Tensor],
-        support_x: Tensor,
-        support_y: Tensor,
-        vectorized: bool,
+        self, context: TaskContext, params: dict[str, Tensor], support_x: Tensor, support_y: Tensor
     ) -> dict[str, Tensor]:
         """One task's parameters before the inner loop, from the meta-learned ``params`` and the
         task's support set: ``params`` themselves, unless the algorithm initialises some per task
@@ -227,27 +247,17 @@ class Algorithm(nn.Module):
 
     def task(
         self,
-        net: nn.Module,
-        loss_fn: LossFn,
+        context: TaskContext,
         params: dict[str, Tensor],
         learned: dict[str, Tensor],
-        constants: dict[str, Tensor],
-        support_x: Tensor,
-        support_y: Tensor,
-        query_x: Tensor,
-        query_y: Tensor,
-        *,
-        inner_lr: float,
-        inner_steps: int,
-        first_order: bool,
-        checkpoint: bool,
-        vectorized: bool,
+        episode: Episode,
         step_weights: Tensor | None = None,
         anchor: tuple[dict[str, Tensor], dict[str, Tensor]] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """One task's ``(outer objective, query loss after adapting, query predictions)``, the
-        objective differentiable with respect to ``params`` and ``learned`` (the algorithm's
-        tensors); the engine runs it per task, under vmap (``vectorized=True``) or compiled.
+        """One task's ``(outer objective, query loss after adapting, query predictions)`` on its
+        ``episode`` (one task's tensors), the objective differentiable with respect to
+        ``params`` and ``learned`` (the algorithm's tensors); the engine runs it per task, under
+        vmap or compiled (``context``).
 
         The family's common computation: :func:`adapt_parameters` on the support set from
         ``params`` with :meth:`rates`, the query loss after the last step (or the losses after
@@ -261,20 +271,20 @@ class Algorithm(nn.Module):
         anchor_params = anchor_lr = anchor_stand_ins = None
         if anchor is not None:
             anchor_params, anchor_learned = anchor
-            anchor_lr = self.rates(inner_lr, anchor_learned, names)
+            anchor_lr = self.rates(context.inner_lr, anchor_learned, names)
             anchor_stand_ins = self.step_parameters(anchor_learned)
         steps = adapt_parameters(
-            net,
+            context.net,
             start,
-            constants,
-            loss_fn,
-            support_x,
-            support_y,
-            self.rates(inner_lr, learned, names),
-            inner_steps,
-            first_order=first_order,
-            checkpoint=checkpoint,
-            vectorized=vectorized,
+            context.constants,
+            context.loss_fn,
+            episode.support_x,
+            episode.support_y,
+            self.rates(context.inner_lr, learned, names),
+            context.inner_steps,
+            first_order=context.first_order,
+            checkpoint=context.checkpoint,
+            vectorized=context.vectorized,
             adapt=names,
             anchor=anchor_params,
             anchor_lr=anchor_lr,
@@ -287,16 +297,13 @@ class Algorithm(nn.Module):
         def seen_at(step: int, values: dict[str, Tensor]) -> dict[str, Tensor]:
             return values if stand_ins is None else {**values, **stand_ins(step)}
 
-        prediction = forward(
-            net, seen_at(max(inner_steps - 1, 0), adapted), constants, query_x, vectorized
-        )
-        query_loss = scalar_loss(loss_fn, prediction, query_y)
+        last = max(context.inner_steps - 1, 0)
+        prediction = context.predict(seen_at(last, adapted), episode.query_x)
+        query_loss = scalar_loss(context.loss_fn, prediction, episode.query_y)
         objective = query_loss
         if step_weights is not None and len(steps) > 1:
             losses = [
-                scalar_loss(
-                    loss_fn, forward(net, seen_at(k, p), constants, query_x, vectorized), query_y
-                )
+                context.loss(seen_at(k, p), episode.query_x, episode.query_y)
                 for k, p in enumerate(steps[:-1])
             ]
             weights = step_weights.to(query_loss.dtype)
@@ -305,41 +312,36 @@ class Algorithm(nn.Module):
 
     def adapt_values(
         self,
-        net: nn.Module,
-        loss_fn: LossFn,
+        context: TaskContext,
         params: dict[str, Tensor],
         learned: dict[str, Tensor],
-        constants: dict[str, Tensor],
         support_x: Tensor,
         support_y: Tensor,
-        *,
-        inner_lr: float,
-        inner_steps: int,
     ) -> dict[str, Tensor]:
         """One task's parameters after its inner loop on ``support_x``/``support_y`` (one task's
         ``[K, ...]`` tensors), as values without a graph: what :meth:`task` evaluates the query
         set with, for calibrating a new task (:meth:`~lightning_maml.MAMLModule.adapt`). Run it
         with gradients enabled (the inner loop takes gradients)."""
         params = {n: p.detach() for n, p in params.items()}
-        start = self.start(net, params, constants, support_x, support_y, vectorized=False)
+        start = self.start(context, params, support_x, support_y)
         start = {n: p.detach() for n, p in start.items()}
         names = self.adapted(start)
         stand_ins = self.step_parameters(learned)
         adapted = adapt_parameters(
-            net,
+            context.net,
             start,
-            constants,
-            loss_fn,
+            context.constants,
+            context.loss_fn,
             support_x,
             support_y,
-            self.rates(inner_lr, learned, names),
-            inner_steps,
+            self.rates(context.inner_lr, learned, names),
+            context.inner_steps,
             first_order=True,
             adapt=names,
             step_parameters=stand_ins,
         )
         if stand_ins is not None:  # as the query pass after the last step sees them
-            adapted = {**adapted, **stand_ins(max(inner_steps - 1, 0))}
+            adapted = {**adapted, **stand_ins(max(context.inner_steps - 1, 0))}
         return {n: t.detach() for n, t in adapted.items()}
 
     def with_order(self, first_order: bool) -> Algorithm:
@@ -511,13 +513,7 @@ class ProtoMAML(Algorithm):
             self._head_names = self._find_head(params)
 
     def start(
-        self,
-        net: nn.Module,
-        params: dict[str, Tensor],
-        constants: dict[str, Tensor],
-        support_x: Tensor,
-        support_y: Tensor,
-        vectorized: bool,
+        self, context: TaskContext, params: dict[str, Tensor], support_x: Tensor, support_y: Tensor
     ) -> dict[str, Tensor]:
         weight_name, bias_name = self._head_names or self._find_head(params)
         if support_y.is_floating_point():
@@ -525,11 +521,11 @@ class ProtoMAML(Algorithm):
                 f"ProtoMAML classifies: its support labels must be class indices, got "
                 f"{support_y.dtype} labels"
             )
-        head = net.get_submodule(weight_name.rpartition(".")[0])
+        head = context.net.get_submodule(weight_name.rpartition(".")[0])
         seen: list[Tensor] = []
         handle = head.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
         try:
-            forward(net, params, constants, support_x, vectorized)
+            context.predict(params, support_x)
         finally:
             handle.remove()
         embeddings = seen[0].flatten(1)  # the head's input: [K, features]
@@ -716,19 +712,16 @@ def _dot(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Tensor:
     return sum((a[n] * b[n]).sum() for n in a)
 
 
-def _task_loss(
-    net: nn.Module,
-    loss_fn: LossFn,
-    constants: Mapping[str, Tensor],
-    vectorized: bool,
-    x: Tensor,
-    y: Tensor,
-    moving: dict[str, Tensor],
-    others: Mapping[str, Tensor],
-) -> Tensor:
-    # the loss of the network with ``moving`` and ``others`` for its parameters on (x, y)
-    prediction = forward(net, {**others, **moving}, constants, x, vectorized)
-    return scalar_loss(loss_fn, prediction, y)
+def _gradient_on(
+    context: TaskContext, x: Tensor, y: Tensor
+) -> Callable[[dict[str, Tensor], Mapping[str, Tensor]], dict[str, Tensor]]:
+    """``(moving, others) ->`` the gradient of the loss on ``(x, y)`` with respect to ``moving``
+    (``others``: the rest of the parameters)."""
+
+    def loss(moving: dict[str, Tensor], others: Mapping[str, Tensor]) -> Tensor:
+        return context.loss({**others, **moving}, x, y)
+
+    return torch.func.grad(loss)
 
 
 class IMAML(Algorithm):
@@ -797,21 +790,10 @@ class IMAML(Algorithm):
 
     def task(
         self,
-        net: nn.Module,
-        loss_fn: LossFn,
+        context: TaskContext,
         params: dict[str, Tensor],
         learned: dict[str, Tensor],
-        constants: dict[str, Tensor],
-        support_x: Tensor,
-        support_y: Tensor,
-        query_x: Tensor,
-        query_y: Tensor,
-        *,
-        inner_lr: float,
-        inner_steps: int,
-        first_order: bool,
-        checkpoint: bool,
-        vectorized: bool,
+        episode: Episode,
         step_weights: Tensor | None = None,
         anchor: tuple[dict[str, Tensor], dict[str, Tensor]] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
@@ -822,20 +804,19 @@ class IMAML(Algorithm):
         at = anchor[0] if anchor is not None else params
         center = {n: at[n].detach() for n in names}
         still = {n: at[n].detach() for n in fixed}
-        loss_on = partial(_task_loss, net, loss_fn, constants, vectorized)
-        support_grad = torch.func.grad(partial(loss_on, support_x, support_y))
-        phi = self._inner_solve(support_grad, center, still, inner_lr, inner_steps)
-        prediction = forward(net, {**fixed, **phi}, constants, query_x, vectorized)
-        query_loss = scalar_loss(loss_fn, prediction, query_y)
-        query_grad = torch.func.grad(partial(loss_on, query_x, query_y))
+        support_grad = _gradient_on(context, episode.support_x, episode.support_y)
+        phi = self._inner_solve(support_grad, center, still, context)
+        prediction = context.predict({**fixed, **phi}, episode.query_x)
+        query_loss = scalar_loss(context.loss_fn, prediction, episode.query_y)
+        query_grad = _gradient_on(context, episode.query_x, episode.query_y)
         rhs = {n: g.detach() for n, g in query_grad(phi, still).items()}
-        if first_order or self.cg_steps == 0:
+        if context.first_order or self.cg_steps == 0:
             v = rhs
         else:
             v = self._solve(lambda m: support_grad(m, still), phi, rhs)
         # a surrogate with the query loss's value and the implicit gradient
         objective = query_loss + sum(((theta[n] - center[n]) * v[n]).sum() for n in names)
-        if not first_order and any(p.requires_grad for p in fixed.values()):
+        if not context.first_order and any(p.requires_grad for p in fixed.values()):
             cross = _dot(support_grad(phi, fixed), v)
             objective = objective - (cross - cross.detach()) / self.lam
         return objective, query_loss, prediction
@@ -845,40 +826,31 @@ class IMAML(Algorithm):
         support_grad: Callable[..., dict[str, Tensor]],
         center: dict[str, Tensor],
         still: Mapping[str, Tensor],
-        inner_lr: float,
-        inner_steps: int,
+        context: TaskContext,
     ) -> dict[str, Tensor]:
         """``inner_steps`` gradient steps on ``L_support(phi) + lam/2 ||phi - center||^2`` from
         ``center``, values only (``still``: the parameters that do not adapt)."""
-        phi = dict(center)
-        for _ in range(inner_steps):
+        phi, lr = dict(center), context.inner_lr
+        for _ in range(context.inner_steps):
             g = support_grad(phi, still)
             phi = {
-                n: (phi[n] - inner_lr * (g[n] + self.lam * (phi[n] - center[n]))).detach()
-                for n in phi
+                n: (phi[n] - lr * (g[n] + self.lam * (phi[n] - center[n]))).detach() for n in phi
             }
         return phi
 
     def adapt_values(
         self,
-        net: nn.Module,
-        loss_fn: LossFn,
+        context: TaskContext,
         params: dict[str, Tensor],
         learned: dict[str, Tensor],
-        constants: dict[str, Tensor],
         support_x: Tensor,
         support_y: Tensor,
-        *,
-        inner_lr: float,
-        inner_steps: int,
     ) -> dict[str, Tensor]:
         names = self.adapted(params)
         center = {n: params[n].detach() for n in names}
         still = {n: p.detach() for n, p in params.items() if n not in center}
-        support_grad = torch.func.grad(
-            partial(_task_loss, net, loss_fn, constants, False, support_x, support_y)
-        )
-        return {**still, **self._inner_solve(support_grad, center, still, inner_lr, inner_steps)}
+        support_grad = _gradient_on(context, support_x, support_y)
+        return {**still, **self._inner_solve(support_grad, center, still, context)}
 
     def _solve(
         self,
@@ -1018,40 +990,26 @@ def task_meta_loss(
     """
     params, learned = split_prefixed(inputs, LEARNED)
     weights = learned.pop("step_weights", None)
-    params = algorithm.start(net, params, constants, support_x, support_y, vectorized)
+    context = TaskContext(
+        net, loss_fn, constants, inner_lr, inner_steps, first_order, checkpoint, vectorized
+    )
+    params = algorithm.start(context, params, support_x, support_y)
     anchor_pair = None
     if anchor is not None:
         anchor_params, anchor_learned = split_prefixed(anchor, LEARNED)
         anchor_learned.pop("step_weights", None)
-        anchor_params = algorithm.start(
-            net, anchor_params, constants, support_x, support_y, vectorized
-        )
+        anchor_params = algorithm.start(context, anchor_params, support_x, support_y)
         anchor_pair = ({n: t.detach() for n, t in anchor_params.items()}, anchor_learned)
     if track_initial_loss:
         stand_ins = algorithm.step_parameters(learned)
         with torch.no_grad():
             seen = params if stand_ins is None else {**params, **stand_ins(0)}
-            before = forward(net, seen, constants, query_x, vectorized)
-            initial = scalar_loss(loss_fn, before, query_y)
+            initial = scalar_loss(loss_fn, context.predict(seen, query_x), query_y)
     else:
         initial = query_x.new_zeros(())
+    episode = Episode(support_x, support_y, query_x, query_y)
     objective, query_loss, prediction = algorithm.task(
-        net,
-        loss_fn,
-        params,
-        learned,
-        constants,
-        support_x,
-        support_y,
-        query_x,
-        query_y,
-        inner_lr=inner_lr,
-        inner_steps=inner_steps,
-        first_order=first_order,
-        checkpoint=checkpoint,
-        vectorized=vectorized,
-        step_weights=weights,
-        anchor=anchor_pair,
+        context, params, learned, episode, step_weights=weights, anchor=anchor_pair
     )
     return (
         objective,
