@@ -67,6 +67,12 @@ def parse_args() -> argparse.Namespace:
         choices=[*REGRESSION, "all"],
         help="algorithms to meta-train and compare (default: maml)",
     )
+    parser.add_argument(
+        "--imaml-lam", type=float, default=100.0, help="iMAML's regularisation strength lam"
+    )
+    parser.add_argument(
+        "--imaml-inner-steps", type=int, default=1, help="iMAML's inner steps in meta-training"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="outputs/sinusoid")
     parser.add_argument("--no-progress-bar", action="store_true")
@@ -109,8 +115,12 @@ def train(algorithm: str | None, args: argparse.Namespace) -> MAMLModule:
     module = MAMLModule(
         MLP(),
         inner_lr=args.inner_lr,
-        inner_steps=0 if algorithm is None else 1,
-        algorithm=IMAML(lam=1 / args.inner_lr) if algorithm == "imaml" else algorithm or "maml",
+        inner_steps=0
+        if algorithm is None
+        else args.imaml_inner_steps
+        if algorithm == "imaml"
+        else 1,
+        algorithm=IMAML(lam=args.imaml_lam) if algorithm == "imaml" else algorithm or "maml",
         meta_lr=args.meta_lr,
         compile=args.compile,
     )
