@@ -16,7 +16,8 @@ alignment estimate or a fit, except where a method is labelled *transductive*. M
   inner rule (Meta-SGD with its learned step sizes, iMAML its regularised steps, ProtoMAML from
   the prototype head) for ``eval_steps`` steps (``MAMLModule.adapt``'s computation); iMAML with
   ``lam = 1 / --inner-lr`` (one inner step of ``--inner-lr`` nearly solves its inner problem;
-  fixed in advance, as in the sinusoid and digits comparisons);
+  fixed in advance, as in the sinusoid and digits comparisons); ProtoMAML's EEGNet has a plain
+  linear output layer (its prototype initialisation assumes one; the paper's is max-norm bound);
 - ``joint``: the same network trained on the same episodes without an inner loop, fine-tuned like
   MAML; ``scratch``: a new EEGNet trained on the support set alone;
 - ``csp-lda``: MNE's CSP (4 components, Ledoit-Wolf) + LDA on the training subjects (zero-shot),
@@ -214,6 +215,9 @@ CLASSICAL_ROWS = {
 
 #: family members meta-trained with settings other than a name's defaults, fixed in advance
 FAMILY_SETTINGS = {"imaml": lambda args: IMAML(lam=1 / args.inner_lr)}
+#: networks other than EEGNet-8,2 as the paper has it: ProtoMAML's prototype initialisation
+#: assumes a plain linear output layer, which the paper's max-norm bound would rescale
+NETWORK_SETTINGS = {"protomaml": {"dense_max_norm": None}}
 
 
 def family_algorithm(method: str, args: argparse.Namespace):
@@ -286,7 +290,8 @@ def train_network(data: MOABBDataModule, method: str, args: argparse.Namespace) 
     """Meta-train (or, ``joint``, train without an inner loop) EEGNet on the training subjects."""
     pl.seed_everything(args.seed, verbose=False)
     x = data.data["train"][0]
-    net = EEGNet(x.shape[1], x.shape[2], len(data.classes), sampling_rate=80)
+    settings = NETWORK_SETTINGS.get(method, {})
+    net = EEGNet(x.shape[1], x.shape[2], len(data.classes), sampling_rate=80, **settings)
     module = MAMLModule(
         net,
         loss="cross_entropy",
@@ -411,6 +416,7 @@ def fold_key(fold: dict, method: str, settings: list[dict], args: argparse.Names
         "method": method,
         "settings": settings,
         **({"family": _described(method, args)} if method in FAMILY_SETTINGS else {}),
+        **({"network": NETWORK_SETTINGS[method]} if method in NETWORK_SETTINGS else {}),
         "k_shots": args.k_shots,
         "episodes": args.episodes,
         "seed": args.seed,

@@ -445,7 +445,10 @@ class ProtoMAML(Algorithm):
     meta-gradient reaches the body through the prototypes as well as through the adaptation
     (second order; ``first_order=True``: through the prototypes and the identity, fo-Proto-MAML).
     The head's own parameters are replaced in every task and get no meta-gradient; they give the
-    number of classes. A class without support examples gets a zero prototype.
+    number of classes. A class without support examples gets a zero prototype. The head must
+    compute ``x @ weight.T + bias``: one that constrains its weight (EEGNet's max-norm dense
+    layer rescales ``2 c_k`` but not the bias) starts from another classifier
+    (``EEGNet(dense_max_norm=None)`` has a plain one).
 
     Args:
         head: patterns of the head's two parameters (e.g. ``["classifier.*"]``); default: the

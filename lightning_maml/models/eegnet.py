@@ -186,9 +186,14 @@ class EEGNet(nn.Module):
         dropout: rate (default 0.25, the paper's cross-subject value; 0.5 within subject).
         fused: compute the first blocks in the cheaper order above (default); ``False`` runs
             the layers one after another (same parameters, same function up to rounding).
+        dense_max_norm: the dense layer's max-norm bound (default 0.25, the paper's); ``None``
+            makes it a plain ``nn.Linear`` (e.g. for
+            :class:`~lightning_maml.functional.ProtoMAML`, whose prototype initialisation of the
+            output layer assumes one).
 
     Raises:
-        ValueError: if a size is below 1, ``n_samples`` < 32, or ``dropout`` is outside [0, 1);
+        ValueError: if a size is below 1, ``n_samples`` < 32, ``dropout`` is outside [0, 1) or
+            ``dense_max_norm`` is not above 0;
             in ``forward``, if the input's channels are not ``n_channels``.
 
     Example::
@@ -210,13 +215,14 @@ class EEGNet(nn.Module):
         f2: int | None = None,
         dropout: float = 0.25,
         fused: bool = True,
+        dense_max_norm: float | None = 0.25,
     ) -> None:
         super().__init__()
         #: the arguments that rebuild it (a checkpoint of MAMLModule records them)
         self.init_args = dict(
             n_channels=n_channels, n_samples=n_samples, n_classes=n_classes,
             sampling_rate=sampling_rate, f1=f1, depth=depth, f2=f2, dropout=dropout,
-            fused=fused,
+            fused=fused, dense_max_norm=dense_max_norm,
         )  # fmt: skip
         f2 = f1 * depth if f2 is None else f2
         for name, value in (
@@ -259,7 +265,13 @@ class EEGNet(nn.Module):
             nn.AvgPool2d((1, 8)),
             nn.Dropout(dropout),
         )
-        self.classifier = MaxNormLinear(f2 * (n_samples // 32), n_classes, max_norm=0.25)
+        features = f2 * (n_samples // 32)
+        if dense_max_norm is None:
+            self.classifier = nn.Linear(features, n_classes)
+        else:
+            if not dense_max_norm > 0:
+                raise ValueError(f"`dense_max_norm` must be > 0 or None, got {dense_max_norm!r}")
+            self.classifier = MaxNormLinear(features, n_classes, max_norm=dense_max_norm)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() < 3 or x.shape[-2] != self.n_channels:

@@ -189,3 +189,11 @@ def test_the_fused_network_runs_under_bfloat16_autocast():
 def test_input_with_other_channels_is_refused_naming_both():
     with pytest.raises(ValueError, match=r"n_channels=22, got input of shape \(2, 21, 256\)"):
         EEGNet(22, 256, 4)(torch.randn(2, 21, 256))
+
+
+def test_the_dense_layer_can_be_a_plain_linear_layer():
+    net = EEGNet(4, 64, 3, dense_max_norm=None)
+    assert type(net.classifier) is nn.Linear and net(torch.randn(2, 4, 64)).shape == (2, 3)
+    assert net.init_args["dense_max_norm"] is None
+    with pytest.raises(ValueError, match="`dense_max_norm` must be > 0 or None, got 0"):
+        EEGNet(4, 64, 3, dense_max_norm=0)
