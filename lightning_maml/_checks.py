@@ -12,6 +12,7 @@ import numbers
 from torch import Tensor
 
 VECTORIZE_MODES: tuple[str, ...] = ("auto", "vmap", "loop")
+"""The values of ``vectorize``: decide per network and setting, always vmap, or task by task."""
 
 
 def check_vectorize(value: object) -> str:
@@ -134,6 +135,7 @@ COMPILE_MODES: tuple[str, ...] = (
     "max-autotune",
     "max-autotune-no-cudagraphs",
 )
+"""The :func:`torch.compile` modes that ``compile`` may name (``True`` is ``"default"``)."""
 
 
 def check_compile(value: object, name: str = "compile") -> str | None:

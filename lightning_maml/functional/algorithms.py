@@ -911,8 +911,8 @@ def register_algorithm(cls: type[Algorithm]) -> type[Algorithm]:
 for _cls in (MAML, FOMAML, Reptile, ANIL, MetaSGD, MAMLPlusPlus, IMAML, ProtoMAML):
     register_algorithm(_cls)
 
-#: the names of the built-in algorithms
 ALGORITHMS: tuple[str, ...] = tuple(_REGISTRY)
+"""The names ``algorithm=`` takes for the built-in algorithms (each with its default settings)."""
 
 
 def describe_algorithm(algorithm: Algorithm) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from torch import Tensor
 from lightning_maml._imports import import_by_path
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
+"""A loss: ``(predictions, targets) -> scalar``, e.g. :func:`mse_loss` or your own function."""
 
 
 def mse_loss(prediction: Tensor, target: Tensor) -> Tensor:
