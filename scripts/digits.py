@@ -61,9 +61,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", default="outputs/digits")
     parser.add_argument("--no-progress-bar", action="store_true")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument(
+        "--imaml-inner-steps",
+        type=int,
+        default=1,
+        help="iMAML's inner steps in meta-training (its implicit meta-gradient is exact at the "
+        "inner problem's solution, which more steps approach; the others take 1)",
+    )
     args = parser.parse_args()
     args.k_shots = [int(k) for k in args.k_shots.split(",")]
-    for name in ("epochs", "episodes"):
+    for name in ("epochs", "episodes", "imaml_inner_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     return args
@@ -102,7 +109,13 @@ META = {
 }
 
 
-def train_maml(k: int, args: argparse.Namespace, algorithm="maml") -> nn.Module:
+def meta_inner_steps(name: str, args: argparse.Namespace) -> int:
+    return args.imaml_inner_steps if name == "iMAML" else 1
+
+
+def train_maml(
+    k: int, args: argparse.Namespace, algorithm="maml", inner_steps: int = 1
+) -> nn.Module:
     """examples/digits/few_shot.py's model and data, meta-trained with K support images."""
     pl.seed_everything(args.seed, verbose=False)
     classifier = Classifier(n_classes=3)
@@ -119,7 +132,7 @@ def train_maml(k: int, args: argparse.Namespace, algorithm="maml") -> nn.Module:
         classifier.net,
         loss="cross_entropy",
         inner_lr=INNER_LR,
-        inner_steps=1,
+        inner_steps=inner_steps,
         algorithm=algorithm,
         optimizers_from=classifier,
     )
@@ -176,7 +189,8 @@ def main() -> None:
     for k in args.k_shots:
         test = episodes(UNSEEN, k, args, seed=args.seed + 100 + k)
         models = {
-            name: (train_maml(k, args, make()), adapt()) for name, (make, adapt) in META.items()
+            name: (train_maml(k, args, make(), meta_inner_steps(name, args)), adapt())
+            for name, (make, adapt) in META.items()
         }
         models["normal + fine-tuning"] = (with_new_head(normal, args.seed), "fomaml")
         models["scratch"] = (with_new_head(None, args.seed), "fomaml")

@@ -64,6 +64,27 @@ NETWORKS = (*FAMILY, "joint", "scratch")
 CLASSICAL = ("csp-lda", "ts-lr")
 
 
+def _merged_rows(path: str, args: argparse.Namespace, parser: argparse.ArgumentParser) -> list:
+    """The test rows of an earlier run's results.json, refused unless they were scored on the
+    same episodes (test subjects, K, episodes per subject and K, seed) and hold none of
+    ``--methods``."""
+    try:
+        earlier = json.loads(Path(path).read_text())
+        given, rows = earlier["args"], earlier["rows"]
+    except (OSError, ValueError, KeyError) as error:
+        parser.error(f"--merge {path!r}: not a results.json of this script ({error})")
+    for name in ("test_subjects", "k_shots", "episodes", "seed"):
+        if given.get(name) != getattr(args, name):
+            parser.error(
+                f"--merge {path!r} was scored with {name}={given.get(name)}, this run with "
+                f"{getattr(args, name)}: not the same episodes"
+            )
+    shared = sorted(set(given.get("methods", [])) & set(args.methods))
+    if shared:
+        parser.error(f"--merge {path!r} already holds {shared}: leave them out of --methods")
+    return rows
+
+
 def _subjects(text: str) -> list[int]:
     """``"1-9,12"`` -> ``[1, ..., 9, 12]``."""
     out: list[int] = []
@@ -106,6 +127,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--scratch-steps", type=int, default=100)
     add("--scratch-lr", type=float, default=0.1)
     add("--seed", type=int, default=0)
+    add(
+        "--merge",
+        default=None,
+        help="results.json of an earlier run on the same test subjects, K, episodes and seed: "
+        "its methods join the table (the same episodes), e.g. docs/eeg19_results.json",
+    )
+    add("--reference", default=None, help="the method the others are compared with (default: "
+        "the best family method of the selection, else the first family method)")  # fmt: skip
     add("--out", default="outputs/eeg")
     add("--no-progress-bar", action="store_true")
     add(
@@ -153,6 +182,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--train-subjects and --test-subjects must not share a subject")
     if len(args.selection_subjects) == 1:
         parser.error("--selection-subjects needs at least 2 subjects (or none: fixed settings)")
+    if args.reference is not None and args.reference not in NETWORKS:
+        parser.error(f"--reference {args.reference!r} unknown; methods: {', '.join(NETWORKS)}")
+    if args.merge is not None:
+        args.merge = _merged_rows(args.merge, args, parser)
     if args.mne_data is not None:
         folder = Path(args.mne_data).resolve()
         if not folder.is_dir():
@@ -695,9 +728,13 @@ def main(args: argparse.Namespace) -> None:
         args.methods,
     )
     total = time.perf_counter() - start
+    if args.merge:
+        rows += args.merge
     summary = summarise(rows, args)
     family = [NAMES[m] for m in args.methods if m in FAMILY]
     reference = NAMES[best] if best else (family[0] if family else summary[0]["method"])
+    if args.reference is not None:
+        reference = NAMES[args.reference]
     diffs = differences(summary, reference, args)
     table = markdown(summary, diffs, reference, chosen, args, args.test_subjects)
     print("\n" + table)

@@ -26,12 +26,13 @@ def mne_data(tmp_path_factory):
     return folder
 
 
-def _run(mne_data, out):
+def _run(mne_data, out, *extra, methods="maml,joint,csp-lda,ts-lr", selection="1,2"):
     command = [
         sys.executable, str(ROOT / "scripts" / "eeg.py"), "--mne-data", str(mne_data),
-        "--subjects", "1-3", "--selection-subjects", "1,2", "--test-subjects", "3",
-        "--methods", "maml,joint,csp-lda,ts-lr", "--k-shots", "1,5", "--episodes", "2",
+        "--subjects", "1-3", "--selection-subjects", selection, "--test-subjects", "3",
+        "--methods", methods, "--k-shots", "1,5", "--episodes", "2",
         "--meta-steps", "2", "--eval-steps", "1,2", "--out", str(out), "--no-progress-bar",
+        "--scratch-steps", "2", *extra,
     ]  # fmt: skip
     return subprocess.run(command, capture_output=True, text=True, check=True, cwd=out.parent)
 
@@ -60,6 +61,21 @@ def test_the_script_end_to_end_and_resumed_after_a_killed_fold(mne_data, tmp_pat
     assert (out / "results.md").read_text() == table  # the fold computed again, identically
     for path, mtime in stored.items():  # only the killed one computed again
         assert path.exists() and (path == killed or path.stat().st_mtime_ns == mtime)
+
+    # another method scored later on the same episodes joins the table, compared with MAML
+    merged = tmp_path / "merged"
+    _run(mne_data, merged, "--merge", str(out / "results.json"), "--reference", "maml",
+         methods="scratch", selection="")  # fmt: skip
+    joined = json.loads((merged / "results.json").read_text())
+    assert {s["method"] for s in joined["summary"]} == methods | {"scratch"}
+    earlier = {(s["method"], s["K"]): s["accuracy"] for s in report["summary"]}
+    for s in joined["summary"]:
+        if s["method"] != "scratch":
+            assert s["accuracy"] == earlier[(s["method"], s["K"])]
+    assert {d["versus"] for d in joined["differences"]} == methods - {"MAML"} | {"scratch"}
+    with pytest.raises(subprocess.CalledProcessError) as refused:  # MAML twice: refused
+        _run(mne_data, tmp_path / "twice", "--merge", str(out / "results.json"), methods="maml")
+    assert "already holds ['maml']" in refused.value.stderr
 
 
 def _script():
