@@ -606,6 +606,8 @@ class MAMLModule(pl.LightningModule):
                 "values arose in the backward pass through the adaptation"
                 + (" or on another rank" if self.trainer.world_size > 1 else "")
             )
+            if self.algorithm.nonfinite_note:
+                lines.append(self.algorithm.nonfinite_note)
         lines.append("nothing of this step was applied to the parameters")
         return "; ".join(lines)
 

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from reference import (
     implicit_meta_gradient,
+    regularised_gradient_descent,
     regularised_newton,
     unrolled_regularised_meta_gradient,
 )
@@ -86,3 +87,94 @@ def test_no_conjugate_gradient_steps_or_first_order_is_the_query_gradient_at_the
 def test_bad_settings_are_refused_naming_them(kwargs, message):
     with pytest.raises(ValueError, match=message):
         IMAML(**kwargs)
+
+
+# ---- where the regularised problem is not convex: no implicit gradient, NaN, and a message ----
+
+NONCONVEX_LAM, NONCONVEX_LR, NONCONVEX_STEPS = 2.0, 0.2, 2
+
+
+def _min_eigenvalue_of_the_system(net, task, lam, lr, steps):
+    """The smallest eigenvalue of ``I + H/lam`` at the task's ``phi`` (explicit Hessian, written
+    without the engine): positive where the implicit gradient exists."""
+    theta = {n: p.detach() for n, p in net.named_parameters()}
+    phi = regularised_gradient_descent(net, F.mse_loss, lam, lr, steps)(theta, {}, *task[:2])
+    names = list(phi)
+    sizes = [phi[n].numel() for n in names]
+
+    def support(flat):
+        parts = dict(zip(names, torch.split(flat, sizes)))
+        state = {n: parts[n].view_as(phi[n]) for n in names}
+        return F.mse_loss(torch.func.functional_call(net, state, (task[0],)), task[1])
+
+    flat = torch.cat([phi[n].flatten() for n in names])
+    hessian = torch.autograd.functional.hessian(support, flat)
+    return float(torch.linalg.eigvalsh(torch.eye(len(flat), dtype=flat.dtype) + hessian / lam)[0])
+
+
+@pytest.mark.parametrize("vectorize", ["vmap", "loop"])
+def test_a_task_whose_regularised_problem_is_not_convex_gets_nan_and_the_others_their_gradient(
+    vectorize,
+):
+    torch.manual_seed(0)
+    net = tanh_mlp().double()
+    tasks = regression_tasks()  # 3 tasks; at lam = 2 the first one's I + H/lam is indefinite
+    convex = [
+        _min_eigenvalue_of_the_system(
+            net, [t[i] for t in tasks], NONCONVEX_LAM, NONCONVEX_LR, NONCONVEX_STEPS
+        )
+        > 0
+        for i in range(3)
+    ]
+    assert convex == [False, True, True]
+    for i, expected in enumerate(convex):
+        one = tuple(t[i : i + 1] for t in tasks)
+        net.zero_grad()
+        out = meta_loss(
+            net, "mse", *one, inner_lr=NONCONVEX_LR, inner_steps=NONCONVEX_STEPS,
+            algorithm=IMAML(lam=NONCONVEX_LAM, cg_steps=40, cg_tol=1e-14), vectorize=vectorize,
+        )  # fmt: skip
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in net.named_parameters()}
+        finite = all(bool(torch.isfinite(g).all()) for g in grads.values())
+        assert finite == expected, (i, expected)
+        assert bool(torch.isfinite(out.query_losses).all())  # the query loss itself is defined
+        if expected:  # the exact solve with the explicit Hessian
+            exact, _ = implicit_meta_gradient(
+                net, dict(net.named_parameters()), F.mse_loss, one, NONCONVEX_LAM,
+                regularised_gradient_descent(net, F.mse_loss, NONCONVEX_LAM, NONCONVEX_LR,
+                                             NONCONVEX_STEPS),
+            )  # fmt: skip
+            assert _relative(grads, exact) < 1e-8
+
+
+def test_a_module_training_where_the_implicit_gradient_does_not_exist_stops_saying_why():
+    import lightning.pytorch as pl
+    from tasks import quiet_trainer
+    from torch.utils.data import DataLoader
+
+    from lightning_maml import Episode, MAMLModule
+    from lightning_maml.datamodules.sinusoid import TaskSet
+
+    pl.seed_everything(0)
+    torch.manual_seed(0)
+    net = tanh_mlp().double()
+    loader = DataLoader(TaskSet(Episode(*regression_tasks())), batch_size=3)
+    module = MAMLModule(
+        net, inner_lr=NONCONVEX_LR, inner_steps=NONCONVEX_STEPS,
+        algorithm=IMAML(lam=NONCONVEX_LAM, cg_steps=40), vectorize="loop",
+    )  # fmt: skip
+    before = [p.detach().clone() for p in net.parameters()]
+    with pytest.raises(FloatingPointError, match="not convex") as info:
+        quiet_trainer(max_epochs=1, limit_val_batches=0).fit(module, loader)
+    assert "larger lam" in str(info.value)
+    for p, q in zip(net.parameters(), before):  # nothing applied
+        assert torch.equal(p.detach(), q)
+    # the same network and tasks at a lam that keeps them convex train
+    torch.manual_seed(0)
+    module = MAMLModule(
+        tanh_mlp().double(), inner_lr=NONCONVEX_LR, inner_steps=NONCONVEX_STEPS,
+        algorithm=IMAML(lam=8.0, cg_steps=40), vectorize="loop",
+    )  # fmt: skip
+    quiet_trainer(max_epochs=1, limit_val_batches=0).fit(module, loader)
+    assert module.nonfinite_steps == 0

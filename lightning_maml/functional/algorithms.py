@@ -32,6 +32,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import inspect
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, NamedTuple
 
@@ -123,6 +124,9 @@ class Algorithm(nn.Module):
     has_objective: ClassVar[bool] = True
     #: where it is not, what the update is instead (for messages)
     update_note: ClassVar[str] = ""
+    #: what non-finite meta-gradients can mean for this algorithm beyond diverging data or
+    #: adaptation (for the message of a non-finite training step)
+    nonfinite_note: ClassVar[str] = ""
 
     def __init__(self, first_order: bool = False, adapt: Sequence[str] | None = None) -> None:
         super().__init__()
@@ -748,6 +752,14 @@ class IMAML(Algorithm):
     finite-difference check of the ``inner_steps``-step loss applies: the engine's ``loss`` is the
     query loss at ``phi``, its gradient the implicit one).
 
+    That gradient exists where the regularised problem is convex at ``phi``: ``I + H/lam``
+    positive definite, i.e. no Hessian eigenvalue of the support loss at or below ``-lam``.
+    Where conjugate gradient meets a direction of zero or negative curvature of ``I + H/lam``,
+    the system has no such solution (CG's iterates then depend on rounding and can grow without
+    bound), and that task's meta-gradient, with the meta-loss, is NaN rather than a number: a
+    :class:`~lightning_maml.MAMLModule` then stops (or skips the step, ``on_nonfinite="skip"``)
+    and says so. A larger ``lam`` keeps the problem convex.
+
     Args:
         lam: the regularisation strength ``lam`` > 0 (larger: ``phi*`` stays nearer ``theta``).
             The inner steps are stable for ``inner_lr * lam < 2``.
@@ -774,6 +786,12 @@ class IMAML(Algorithm):
     update_note = (
         "its update is the implicit gradient at the exact minimiser of the regularised inner "
         "problem, which finitely many inner steps only approach"
+    )
+    nonfinite_note = (
+        "implicit MAML marks with NaN the meta-gradient of a task whose regularised inner problem "
+        "is not convex at its adapted parameters (conjugate gradient met non-positive curvature "
+        "of I + H/lam, H the support loss's Hessian): no implicit gradient exists there; a larger "
+        "lam (above the magnitude of H's most negative eigenvalue) keeps it convex"
     )
 
     def __init__(
@@ -864,7 +882,9 @@ class IMAML(Algorithm):
         """``(I + H/lam)^-1 rhs`` by conjugate gradient, ``H`` the Jacobian of ``gradient`` (the
         support loss's Hessian) at ``phi``; Hessian-vector products by reverse mode twice, the
         one second derivative the engine relies on everywhere. Fixed iterations (vmap and
-        compile need them); a task whose residual is small enough stops changing."""
+        compile need them); a task whose residual is small enough stops changing. A direction of
+        zero or negative curvature (``p @ A p <= 0``: ``A`` not positive definite, the system
+        without the solution the implicit gradient needs) makes the task's result NaN."""
         _, hvp = torch.func.vjp(gradient, phi)
 
         def operator(u: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -876,17 +896,23 @@ class IMAML(Algorithm):
         p = dict(rhs)
         rr = _dot(r, r)
         stop = rr * self.cg_tol**2
+        indefinite = torch.zeros_like(rr, dtype=torch.bool)
+        zero = torch.zeros_like(rr)
         for _ in range(self.cg_steps):
-            active = rr > stop
+            active = (rr > stop) & ~indefinite
             ap = operator(p)
-            alpha = torch.where(active, rr / _dot(p, ap), torch.zeros_like(rr))
+            curvature = _dot(p, ap)
+            indefinite = indefinite | (active & ~(curvature > 0))  # NaN counts as non-positive
+            active = active & ~indefinite
+            alpha = torch.where(active, rr / torch.where(active, curvature, rr), zero)
             x = {n: x[n] + alpha * p[n] for n in x}
             r = {n: r[n] - alpha * ap[n] for n in r}
             new_rr = _dot(r, r)
-            beta = torch.where(active, new_rr / rr, torch.zeros_like(rr))
+            beta = torch.where(active, new_rr / rr, zero)
             p = {n: r[n] + beta * p[n] for n in p}
             rr = torch.where(active, new_rr, rr)
-        return x
+        undefined = torch.full_like(rr, math.nan)
+        return {n: torch.where(indefinite, undefined, x[n]) for n in x}
 
     def extra_repr(self) -> str:
         parts = [f"lam={self.lam}", f"cg_steps={self.cg_steps}", f"cg_tol={self.cg_tol}"]
