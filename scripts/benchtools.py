@@ -22,10 +22,13 @@ from lightning_maml.functional import Algorithm, meta_loss
 def quiet_lightning_info() -> None:
     """Leave Lightning's information lines (accelerator banners and tips, printed for every
     Trainer, 'max_steps reached') out of a script's output, torch's deprecation of ``LeafSpec``,
-    raised inside Lightning, and Lightning's notice that a module with a ``validation_step``
-    has no validation data (these scripts train without validating); other warnings stay.
+    raised inside Lightning, Lightning's notice that a module with a ``validation_step``
+    has no validation data (these scripts train without validating), and the warning of each
+    meta-step skipped for a non-finite meta-gradient (the scripts count them in their tables);
+    other warnings stay.
     """
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r"non-finite values at training step .*skipped")
     warnings.filterwarnings("ignore", message=r"You defined a `validation_step` but have no")
     warnings.filterwarnings("ignore", message=r".*LeafSpec", category=FutureWarning)
 

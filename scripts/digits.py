@@ -135,8 +135,10 @@ def train_maml(
         inner_steps=inner_steps,
         algorithm=algorithm,
         optimizers_from=classifier,
+        on_nonfinite="skip",  # counted and shown in the table
     )
     trainer(args).fit(module, data)
+    classifier.net.skipped_steps = module.nonfinite_steps
     return classifier.net
 
 
@@ -199,7 +201,15 @@ def main() -> None:
             accuracies = adapted_accuracies(net, test, lr, steps, algorithm=adapting)
             accuracy, ci = mean_and_ci95(accuracies)
             rows.append(
-                {"method": name, "K": k, "accuracy": accuracy, "ci95": ci, "lr": lr, "steps": steps}
+                {
+                    "method": name,
+                    "K": k,
+                    "accuracy": accuracy,
+                    "ci95": ci,
+                    "lr": lr,
+                    "steps": steps,
+                    "skipped_steps": getattr(net, "skipped_steps", 0),
+                }
             )
             progress.update()
     progress.close()
@@ -207,7 +217,9 @@ def main() -> None:
 
     cells = {
         name: [
-            f"{r['accuracy']:.3f} ± {r['ci95']:.3f} ({r['steps']} steps of {r['lr']})"
+            f"{r['accuracy']:.3f} ± {r['ci95']:.3f} ({r['steps']} steps of {r['lr']}"
+            + (f"; {r['skipped_steps']} meta-steps skipped" if r["skipped_steps"] else "")
+            + ")"
             for r in rows
             if r["method"] == name
         ]

@@ -15,8 +15,9 @@ alignment estimate or a fit, except where a method is labelled *transductive*. M
   episodes of the training subjects with ``MAMLModule``, adapted on the support set with its own
   inner rule (Meta-SGD with its learned step sizes, iMAML its regularised steps, ProtoMAML from
   the prototype head) for ``eval_steps`` steps (``MAMLModule.adapt``'s computation); iMAML with
-  ``lam = 1 / --inner-lr`` (one inner step of ``--inner-lr`` nearly solves its inner problem;
-  fixed in advance, as in the sinusoid and digits comparisons); ProtoMAML's EEGNet has a plain
+  ``lam = 1 / --inner-lr`` (fixed in advance, as in the sinusoid and digits comparisons; its
+  meta-steps without an implicit gradient, where the regularised problem is not convex, are
+  skipped and counted in the table); ProtoMAML's EEGNet has a plain
   linear output layer (its prototype initialisation assumes one; the paper's is max-norm bound);
 - ``joint``: the same network trained on the same episodes without an inner loop, fine-tuned like
   MAML; ``scratch``: a new EEGNet trained on the support set alone;
@@ -228,8 +229,10 @@ from lightning_maml.functional import IMAML, meta_loss  # noqa: E402
 from lightning_maml.functional.algorithms import describe_algorithm  # noqa: E402
 from lightning_maml.models import EEGNet  # noqa: E402
 
-#: bump when what a stored fold holds changes meaning
-RESULTS_FORMAT = 1
+#: bump when what a stored fold holds changes meaning (2: a meta-step with a non-finite
+#: meta-gradient, e.g. iMAML's where a task's regularised problem is not convex, is skipped and
+#: counted in the rows' ``skipped_steps``)
+RESULTS_FORMAT = 2
 NAMES = {
     "maml": "MAML",
     "fomaml": "first-order MAML",
@@ -332,6 +335,7 @@ def train_network(data: MOABBDataModule, method: str, args: argparse.Namespace) 
         inner_steps=0 if method == "joint" else args.inner_steps,
         algorithm=family_algorithm(method, args),
         meta_lr=args.meta_lr,
+        on_nonfinite="skip",  # counted in the rows' skipped_steps and the table
     )
     batches_per_epoch = -(-data.episodes_per_epoch // data.meta_batch_size)
     trainer = cpu_trainer(args.meta_steps, batches_per_epoch, progress_bar=False)
@@ -509,7 +513,13 @@ def run_method(fold: dict, method: str, settings: list[dict], args, cache: dict)
                 lr = args.scratch_lr if method == "scratch" else None
                 accuracies = adapted_accuracies(module, batch, setting["eval_steps"], lr)
                 rows.append(
-                    {"method": NAMES[method], "setting": setting, "K": k, "accuracies": accuracies}
+                    {
+                        "method": NAMES[method],
+                        "setting": setting,
+                        "K": k,
+                        "accuracies": accuracies,
+                        "skipped_steps": module.nonfinite_steps,
+                    }
                 )
     return rows
 
@@ -638,7 +648,7 @@ def interval(value: float) -> str:
     return "n/a (1 subject)" if np.isnan(value) else f"± {value:.3f}"
 
 
-def markdown(summary, diffs, reference, chosen, args, subjects) -> str:
+def markdown(summary, diffs, reference, chosen, args, subjects, rows=()) -> str:
     columns = [f"K={k}" for k in args.k_shots]
     accuracy = {
         m: [
@@ -657,11 +667,26 @@ def markdown(summary, diffs, reference, chosen, args, subjects) -> str:
         for v in dict.fromkeys(d["versus"] for d in diffs)
     }
     settings = ", ".join(f"{NAMES[m]}: {s}" for m, s in (chosen or {}).items())
+    skipped = {}
+    for r in rows:
+        if r.get("skipped_steps"):
+            skipped.setdefault(r["method"], {})[r["subject"]] = r["skipped_steps"]
+    skipped_line = "; ".join(
+        f"{m}: {sum(per.values())} in {len(per)} folds" for m, per in skipped.items()
+    )
     lines = [
         f"2-way left/right fist imagery, test subjects {subjects}: query accuracy, mean over "
         f"subjects ± 95% t interval over subjects ({args.episodes} episodes per subject and K); "
         "chance 0.5.",
         f"Settings: {settings or 'as given'}.",
+        *(
+            [
+                f"Meta-steps skipped for a non-finite meta-gradient (of {args.meta_steps} per "
+                f"fold): {skipped_line}."
+            ]
+            if skipped
+            else []
+        ),
         "",
         *markdown_table("method", columns, accuracy),
         "",
@@ -736,7 +761,7 @@ def main(args: argparse.Namespace) -> None:
     if args.reference is not None:
         reference = NAMES[args.reference]
     diffs = differences(summary, reference, args)
-    table = markdown(summary, diffs, reference, chosen, args, args.test_subjects)
+    table = markdown(summary, diffs, reference, chosen, args, args.test_subjects, rows)
     print("\n" + table)
     (out / "results.md").write_text(table + "\n")
     plot_accuracy_vs_k(

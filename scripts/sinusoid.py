@@ -6,10 +6,11 @@ jointly trained baseline on the same task stream with
 ``Trainer.fit``, then adapts each (and a random initialisation) on the same held-out tasks with
 K=5 and K=10 support points for 1 and 10 inner steps, and reports the mean query MSE with 95%
 confidence intervals. Each algorithm adapts its own way (ANIL its last layer, Meta-SGD and MAML++
-with their learned step sizes, iMAML its regularised steps, with ``lam = 1 / --inner-lr`` so that
-one inner step of ``--inner-lr`` nearly solves its inner problem); the baselines take plain SGD
-steps of ``--inner-lr``. Saves a
-figure of the fits on one held-out task.
+with their learned step sizes, iMAML its regularised steps, by default with
+``lam = 1 / --inner-lr`` and one inner step); the baselines take plain SGD steps of
+``--inner-lr``. Meta-steps whose meta-gradient is not finite (iMAML's, where a task's regularised
+problem is not convex) are skipped and counted in the table. Saves a figure of the fits on one
+held-out task.
 
     python scripts/sinusoid.py                       # about a minute and a half on 2 CPU cores
     python scripts/sinusoid.py --algorithms all      # the whole family, several minutes
@@ -123,6 +124,7 @@ def train(algorithm: str | None, args: argparse.Namespace) -> MAMLModule:
         algorithm=IMAML(lam=args.imaml_lam) if algorithm == "imaml" else algorithm or "maml",
         meta_lr=args.meta_lr,
         compile=args.compile,
+        on_nonfinite="skip",  # counted and shown in the table
     )
     data = SinusoidDataModule(
         k_shot=args.k_shot,
@@ -212,8 +214,14 @@ def main() -> None:
                         "diverged": diverged,
                     }
                 )
+    skipped = {name: getattr(module, "nonfinite_steps", 0) for name, module in models.items()}
+    for row in rows:
+        row["skipped_steps"] = skipped[row["model"]]
     cells = {
-        name: [
+        name
+        + (
+            f" ({skipped[name]} of {args.iterations} meta-steps skipped)" if skipped[name] else ""
+        ): [
             f"diverges on {r['diverged']} of {args.eval_tasks} tasks"
             if r["diverged"]
             else f"{r['mse']:.3f} ± {r['ci95']:.3f}"
@@ -226,7 +234,8 @@ def main() -> None:
     table = [
         f"Held-out query MSE, mean ± 95% CI over {args.eval_tasks} tasks ({args.eval_query} query "
         f"points each), after {args.iterations} meta-iterations ('diverges': some tasks' loss "
-        "overflowed to inf or NaN):",
+        "overflowed to inf or NaN; 'meta-steps skipped': steps whose meta-gradient was not "
+        "finite, left out of training):",
         "",
         *markdown_table("model", columns, cells),
     ]

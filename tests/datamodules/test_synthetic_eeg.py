@@ -16,6 +16,7 @@ from tasks import quiet_trainer  # noqa: E402
 from lightning_maml import MAMLModule  # noqa: E402
 from lightning_maml.datamodules import MOABBDataModule  # noqa: E402
 from lightning_maml.datamodules.synthetic_eeg import SyntheticMotorImagery  # noqa: E402
+from lightning_maml.functional import IMAML  # noqa: E402
 from lightning_maml.models import EEGNet  # noqa: E402
 
 mne.set_log_level("error")
@@ -55,7 +56,9 @@ def test_imagery_changes_contralateral_mu_power_as_documented(ers_fraction, sign
     assert sign * (right[c3] - left[c3]) > 0.2 * left[c3]
 
 
-def test_short_maml_run_is_well_above_chance_on_held_out_subjects():
+@pytest.mark.parametrize("algorithm", ["maml", "protomaml", "imaml"])
+@pytest.mark.filterwarnings("ignore:non-finite values at training step")
+def test_short_maml_run_is_well_above_chance_on_held_out_subjects(algorithm):
     pl.seed_everything(0)
     data = MOABBDataModule(
         SyntheticMotorImagery(n_subjects=8, trials_per_class=25),
@@ -72,15 +75,20 @@ def test_short_maml_run_is_well_above_chance_on_held_out_subjects():
         num_eval_episodes=40,
         cache_dir=None,
     )
-    net = EEGNet(13, 192, 2, sampling_rate=64, dropout=0.0)
+    # ProtoMAML's prototype head is a plain linear layer; iMAML with lam = 1 / inner_lr
+    net = EEGNet(13, 192, 2, sampling_rate=64, dropout=0.0,
+                 dense_max_norm=None if algorithm == "protomaml" else 0.25)  # fmt: skip
     module = MAMLModule(
-        net, loss="cross_entropy", inner_lr=0.1, inner_steps=1, eval_inner_steps=5, meta_lr=3e-3
-    )
+        net, loss="cross_entropy", inner_lr=0.1, inner_steps=1, eval_inner_steps=5, meta_lr=3e-3,
+        algorithm=IMAML(lam=10.0) if algorithm == "imaml" else algorithm,
+        on_nonfinite="skip",  # iMAML: steps without an implicit gradient (counted below)
+    )  # fmt: skip
     trainer = quiet_trainer(max_steps=80, limit_val_batches=0)
     (untrained,) = trainer.test(module, data, verbose=False)
     trainer.fit(module, data)
     (result,) = trainer.test(module, data, verbose=False)
     # 2-way: chance is 0.5; 40 episodes x 20 query trials on two unseen subjects
+    assert module.nonfinite_steps <= (10 if algorithm == "imaml" else 0)  # iMAML: 6 of 80 here
     assert result["test/query_acc_after"] > 0.8
     assert result["test/query_acc_after"] > untrained["test/query_acc_after"] + 0.15
 
