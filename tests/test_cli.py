@@ -115,7 +115,7 @@ def test_a_run_without_logger_does_not_overwrite_an_earlier_config(tmp_path, mon
         ],
         [
             "--model.algorithm=lightning_maml.functional.IMAML",
-            "--model.algorithm.lam=2.0",
+            "--model.algorithm.lam=100.0",
             "--model.algorithm.cg_steps=3",
         ],
     ],
@@ -132,7 +132,7 @@ def test_cli_trains_any_algorithm_and_tests_from_its_checkpoint(tmp_path, argume
             "layers.4.bias",
         ]
     elif algorithm.name == "imaml":
-        assert (algorithm.lam, algorithm.cg_steps) == (2.0, 3)
+        assert (algorithm.lam, algorithm.cg_steps) == (100.0, 3)
     else:  # the learned step sizes were meta-trained
         assert any((p != 0.01).any() for p in algorithm.parameters())
     ckpt = next(tmp_path.glob("sinusoid/version_*/checkpoints/*.ckpt"))
