@@ -764,8 +764,8 @@ class IMAML(Algorithm):
         lam: the regularisation strength ``lam`` > 0 (larger: ``phi*`` stays nearer ``theta``);
             it must exceed the magnitude of the support loss's most negative Hessian eigenvalue
             (the default 1.0 suits losses of a classifier's scale; the sinusoid MLP's regression
-            needs about 100), and the inner steps converge for ``inner_lr * (lam + h) < 2``,
-            ``h`` the largest eigenvalue.
+            needs 100 at initialisation and more as it trains), and the inner steps converge
+            for ``inner_lr * (lam + h) < 2``, ``h`` the largest eigenvalue.
         cg_steps: conjugate-gradient iterations (0: the first-order approximation, the gradient
             of the query loss at ``phi*`` itself).
         cg_tol: relative residual at which CG stops, >= 0 (0: run every iteration).
