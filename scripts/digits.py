@@ -115,8 +115,9 @@ def meta_inner_steps(name: str, args: argparse.Namespace) -> int:
 
 def train_maml(
     k: int, args: argparse.Namespace, algorithm="maml", inner_steps: int = 1
-) -> nn.Module:
-    """examples/digits/few_shot.py's model and data, meta-trained with K support images."""
+) -> tuple[nn.Module, int]:
+    """examples/digits/few_shot.py's model and data, meta-trained with K support images: the
+    network and how many meta-steps were skipped for a non-finite meta-gradient."""
     pl.seed_everything(args.seed, verbose=False)
     classifier = Classifier(n_classes=3)
     data = FewShotDataModule(
@@ -138,8 +139,7 @@ def train_maml(
         on_nonfinite="skip",  # counted and shown in the table
     )
     trainer(args).fit(module, data)
-    classifier.net.skipped_steps = module.nonfinite_steps
-    return classifier.net
+    return classifier.net, module.nonfinite_steps
 
 
 def train_normally(args: argparse.Namespace) -> nn.Module:
@@ -190,13 +190,13 @@ def main() -> None:
     )
     for k in args.k_shots:
         test = episodes(UNSEEN, k, args, seed=args.seed + 100 + k)
-        models = {
-            name: (train_maml(k, args, make(), meta_inner_steps(name, args)), adapt())
-            for name, (make, adapt) in META.items()
-        }
-        models["normal + fine-tuning"] = (with_new_head(normal, args.seed), "fomaml")
-        models["scratch"] = (with_new_head(None, args.seed), "fomaml")
-        for name, (net, adapting) in models.items():
+        models = {}  # name: (network, how it adapts, meta-steps skipped in its training)
+        for name, (make, adapt) in META.items():
+            net, skipped = train_maml(k, args, make(), meta_inner_steps(name, args))
+            models[name] = (net, adapt(), skipped)
+        models["normal + fine-tuning"] = (with_new_head(normal, args.seed), "fomaml", 0)
+        models["scratch"] = (with_new_head(None, args.seed), "fomaml", 0)
+        for name, (net, adapting, skipped) in models.items():
             lr, steps = best_adaptation(net, k, args, adapting)
             accuracies = adapted_accuracies(net, test, lr, steps, algorithm=adapting)
             accuracy, ci = mean_and_ci95(accuracies)
@@ -208,7 +208,7 @@ def main() -> None:
                     "ci95": ci,
                     "lr": lr,
                     "steps": steps,
-                    "skipped_steps": getattr(net, "skipped_steps", 0),
+                    "skipped_steps": skipped,
                 }
             )
             progress.update()

@@ -214,7 +214,7 @@ def main() -> None:
                         "diverged": diverged,
                     }
                 )
-    skipped = {name: getattr(module, "nonfinite_steps", 0) for name, module in models.items()}
+    skipped = {name: module.nonfinite_steps for name, module in models.items()}
     for row in rows:
         row["skipped_steps"] = skipped[row["model"]]
     cells = {

@@ -190,6 +190,22 @@ def _unflat(vector: Tensor, like: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+def loss_hessian(
+    net: nn.Module,
+    params: dict[str, Tensor],
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    x: Tensor,
+    y: Tensor,
+) -> Tensor:
+    """The Hessian of ``loss_fn(net(x), y)`` with respect to ``params``, as one explicit matrix
+    over the flattened parameters (in ``params``' order)."""
+
+    def loss(flat: Tensor) -> Tensor:
+        return loss_fn(functional_call(net, _unflat(flat, params), (x,)), y)
+
+    return torch.autograd.functional.hessian(loss, _flat(params))
+
+
 def implicit_meta_gradient(
     net: nn.Module,
     params: dict[str, Tensor],

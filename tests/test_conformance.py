@@ -102,8 +102,9 @@ ALGORITHMS = {
     "reptile": Case(Reptile, first_order=True, reptile=True),
     # conjugate gradient to its float64 limit against the exact solve, and 5 iterations of it
     # against textbook CG on the explicit matrix (compiling 40 iterations takes over a minute);
-    # lam = 4 keeps every task's I + H/lam positive definite (the MLP's first task has a support
-    # Hessian eigenvalue of -2.36 at phi, where lam = 2 has no implicit gradient)
+    # lam = 8 keeps every task's I + H/lam positive definite (the MLP's first task has a support
+    # Hessian eigenvalue of -2.36 at its phi for lam = 2 and of -4.34 for lam = 4: no implicit
+    # gradient there)
     "imaml": Case(lambda: IMAML(lam=8.0, cg_steps=40, cg_tol=1e-14), implicit=8.0, compiled=False),
     "imaml 5 cg steps": Case(lambda: IMAML(lam=8.0, cg_steps=5, cg_tol=0), implicit=8.0, cg=5),
     "imaml head": Case(

@@ -1,17 +1,22 @@
 """Implicit MAML: its meta-gradient against the unrolled regularised problem and the exact
 minimiser, its settings, and what the engine's paths around it do."""
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
 from reference import (
     implicit_meta_gradient,
+    loss_hessian,
     regularised_gradient_descent,
     regularised_newton,
     unrolled_regularised_meta_gradient,
 )
-from tasks import regression_tasks, tanh_mlp
+from tasks import quiet_trainer, regression_tasks, tanh_mlp
+from torch.utils.data import DataLoader
 
+from lightning_maml import Episode, MAMLModule
+from lightning_maml.datamodules.sinusoid import TaskSet
 from lightning_maml.functional import IMAML, meta_loss
 
 LAM, LR = 4.0, 0.1
@@ -99,17 +104,9 @@ def _min_eigenvalue_of_the_system(net, task, lam, lr, steps):
     without the engine): positive where the implicit gradient exists."""
     theta = {n: p.detach() for n, p in net.named_parameters()}
     phi = regularised_gradient_descent(net, F.mse_loss, lam, lr, steps)(theta, {}, *task[:2])
-    names = list(phi)
-    sizes = [phi[n].numel() for n in names]
-
-    def support(flat):
-        parts = dict(zip(names, torch.split(flat, sizes)))
-        state = {n: parts[n].view_as(phi[n]) for n in names}
-        return F.mse_loss(torch.func.functional_call(net, state, (task[0],)), task[1])
-
-    flat = torch.cat([phi[n].flatten() for n in names])
-    hessian = torch.autograd.functional.hessian(support, flat)
-    return float(torch.linalg.eigvalsh(torch.eye(len(flat), dtype=flat.dtype) + hessian / lam)[0])
+    hessian = loss_hessian(net, phi, F.mse_loss, *task[:2])
+    eye = torch.eye(len(hessian), dtype=hessian.dtype)
+    return float(torch.linalg.eigvalsh(eye + hessian / lam)[0])
 
 
 @pytest.mark.parametrize("vectorize", ["vmap", "loop"])
@@ -149,13 +146,6 @@ def test_a_task_whose_regularised_problem_is_not_convex_gets_nan_and_the_others_
 
 
 def test_a_module_training_where_the_implicit_gradient_does_not_exist_stops_saying_why():
-    import lightning.pytorch as pl
-    from tasks import quiet_trainer
-    from torch.utils.data import DataLoader
-
-    from lightning_maml import Episode, MAMLModule
-    from lightning_maml.datamodules.sinusoid import TaskSet
-
     pl.seed_everything(0)
     torch.manual_seed(0)
     net = tanh_mlp().double()

@@ -907,7 +907,7 @@ class IMAML(Algorithm):
             curvature = _dot(p, ap)
             indefinite = indefinite | (active & ~(curvature > 0))  # NaN counts as non-positive
             active = active & ~indefinite
-            alpha = torch.where(active, rr / torch.where(active, curvature, rr), zero)
+            alpha = torch.where(active, rr / curvature, zero)
             x = {n: x[n] + alpha * p[n] for n in x}
             r = {n: r[n] - alpha * ap[n] for n in r}
             new_rr = _dot(r, r)
