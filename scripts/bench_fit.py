@@ -8,8 +8,13 @@ medians are robust to the machine's hiccups; means are printed beside them), the
 - ``autograd loop``: learn2learn's algorithm in plain autograd (``bench.py``'s), + Adam;
 - ``bare step``: ``MAMLModule.meta_forward`` + backward + Adam on one fixed batch;
 - ``bare step, fresh batches``: the same, each batch drawn from ``SinusoidDataModule``'s loader;
+- ``Trainer(barebones=True).fit``, a ``training_step`` that returns ``meta_forward(batch).loss``
+  and nothing else: Lightning's own loop, hooks and data fetching, with every optional feature
+  Lightning can switch off switched off (its floor);
+- ``Trainer.fit``, the same step: the same with the Trainer's defaults (no progress bar, logger
+  or checkpoints, as below);
 - ``Trainer.fit, no logging, no check``: ``MAMLModule`` with ``self.log`` and the non-finite
-  check switched off (a subclass): Lightning's loop, hooks and data fetching;
+  check switched off (a subclass): + the module's bookkeeping (metric values, running sums);
 - ``+ non-finite check``: the check on, logging off;
 - ``Trainer.fit`` (``+ logging``): the module as it ships;
 - ``Trainer.fit compiled``: the same with ``compile=True``.
@@ -55,6 +60,16 @@ class Unchecked(Unlogged):
         pass
 
 
+class LossOnly(Unchecked):
+    """... and its bookkeeping: the step is the meta-loss, what Lightning needs and no more."""
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        return self.meta_forward(batch).loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        pass
+
+
 def per_step(stamps: list[float]) -> tuple[float, float]:
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
     return statistics.median(gaps), statistics.fmean(gaps)
@@ -64,7 +79,9 @@ def data() -> SinusoidDataModule:
     return SinusoidDataModule(meta_batch_size=25, batches_per_epoch=10_000)
 
 
-def fit(cls: type[MAMLModule], steps: int, compile: bool = False) -> tuple[float, float]:
+def fit(
+    cls: type[MAMLModule], steps: int, compile: bool = False, barebones: bool = False
+) -> tuple[float, float]:
     pl.seed_everything(0, verbose=False)
     module = cls(MLP(), loss="mse", inner_lr=0.01, inner_steps=1, compile=compile)
     stamps: list[float] = []
@@ -74,16 +91,22 @@ def fit(cls: type[MAMLModule], steps: int, compile: bool = False) -> tuple[float
             if trainer.global_step >= WARMUP:
                 stamps.append(time.perf_counter())
 
+    if barebones:  # refuses callbacks' logging and the options below, not callbacks
+        options = {"barebones": True}
+    else:
+        options = {
+            "logger": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "enable_checkpointing": False,
+        }
     trainer = pl.Trainer(
         max_steps=WARMUP + steps + 1,
         callbacks=[Stamp()],
         limit_val_batches=0,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
         accelerator="cpu",
         devices=1,
+        **options,
     )
     trainer.fit(module, data())
     return per_step(stamps)
@@ -135,6 +158,10 @@ def main() -> None:
         "autograd loop": lambda: autograd(args.steps),
         "bare step": lambda: bare(args.steps, fresh=False),
         "bare step, fresh batches": lambda: bare(args.steps, fresh=True),
+        "Trainer(barebones=True).fit, step = meta-loss": lambda: fit(
+            LossOnly, args.steps, barebones=True
+        ),
+        "Trainer.fit, step = meta-loss": lambda: fit(LossOnly, args.steps),
         "Trainer.fit, no logging, no check": lambda: fit(Unchecked, args.steps),
         "+ non-finite check": lambda: fit(Unlogged, args.steps),
         "Trainer.fit (+ logging)": lambda: fit(MAMLModule, args.steps),
