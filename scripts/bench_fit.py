@@ -22,6 +22,10 @@ medians are robust to the machine's hiccups; means are printed beside them), the
 The Trainer has no progress bar, logger or checkpoints; the step values still go through
 ``self.log`` (Lightning computes them for any logger and for ``callback_metrics``).
 
+A second table times Lightning alone, on a module with one 10-number parameter whose step is a
+squared distance to the batch (Adam): the same step in a plain loop, under ``Trainer.fit``, and
+with one and four values logged through ``self.log`` each step.
+
     python scripts/bench_fit.py [--steps 400] [--repeats 3]
 """
 
@@ -112,6 +116,64 @@ def fit(
     return per_step(stamps)
 
 
+class OneParameter(pl.LightningModule):
+    """The least a Lightning module can be: one parameter, a squared distance, Adam."""
+
+    def __init__(self, logged: int = 0) -> None:
+        super().__init__()
+        self.p = torch.nn.Parameter(torch.zeros(10))
+        self.logged = logged
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        loss = ((self.p - batch[0][0]) ** 2).sum()
+        for k in range(self.logged):
+            self.log(f"train/value{k}", loss.detach(), batch_size=1)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam([self.p], lr=1e-3)
+
+
+def tiny_data(steps: int) -> torch.utils.data.DataLoader:
+    values = torch.randn(WARMUP + steps + 1, 10, generator=torch.Generator().manual_seed(0))
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(values), batch_size=1)
+
+
+def tiny_fit(steps: int, logged: int) -> tuple[float, float]:
+    stamps: list[float] = []
+
+    class Stamp(pl.Callback):
+        def on_train_batch_start(self, trainer, *args) -> None:
+            if trainer.global_step >= WARMUP:
+                stamps.append(time.perf_counter())
+
+    trainer = pl.Trainer(
+        max_steps=WARMUP + steps + 1,
+        callbacks=[Stamp()],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        accelerator="cpu",
+        devices=1,
+    )
+    trainer.fit(OneParameter(logged), tiny_data(steps))
+    return per_step(stamps)
+
+
+def tiny_loop(steps: int) -> tuple[float, float]:
+    module = OneParameter()
+    optimizer = module.configure_optimizers()
+    stamps = []
+    for i, batch in enumerate(tiny_data(steps)):
+        if i >= WARMUP:
+            stamps.append(time.perf_counter())
+        optimizer.zero_grad()
+        module.training_step(batch, i).backward()
+        optimizer.step()
+    return per_step(stamps)
+
+
 def bare(steps: int, fresh: bool) -> tuple[float, float]:
     torch.manual_seed(0)
     module = MAMLModule(MLP(), loss="mse", inner_lr=0.01, inner_steps=1)
@@ -168,11 +230,20 @@ def main() -> None:
     }
     if not args.no_compile:
         variants["Trainer.fit compiled"] = lambda: fit(MAMLModule, args.steps, compile=True)
+    lightning_alone = {
+        "plain loop": lambda: tiny_loop(args.steps),
+        "Trainer.fit": lambda: tiny_fit(args.steps, 0),
+        "+ 1 value through self.log": lambda: tiny_fit(args.steps, 1),
+        "+ 4 values through self.log": lambda: tiny_fit(args.steps, 4),
+    }
     start = time.perf_counter()
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
+    tiny_runs: dict[str, list[tuple[float, float]]] = {name: [] for name in lightning_alone}
     for _ in range(args.repeats):
         for name, run in variants.items():
             runs[name].append(run())
+        for name, run in lightning_alone.items():
+            tiny_runs[name].append(run())
     rows = []
     for name, results in runs.items():
         rows.append(
@@ -204,8 +275,31 @@ def main() -> None:
             ("vs_autograd", "vs autograd loop", ".1f"),
         ],
     )
+    tiny_rows = [
+        {"variant": name, "median_ms": 1e3 * statistics.median(r[0] for r in results)}
+        for name, results in tiny_runs.items()
+    ]
+    for row in tiny_rows:
+        row["added_ms"] = row["median_ms"] - tiny_rows[0]["median_ms"]
+    print("\nLightning alone: a one-parameter module, the same runs\n")
+    print_table(
+        tiny_rows,
+        [
+            ("variant", "variant", "s"),
+            ("median_ms", "ms/step", ".3f"),
+            ("added_ms", "added vs plain loop", "+.3f"),
+        ],
+    )
     print(f"\nwall time {time.perf_counter() - start:.0f} s")
-    write_json(args.json, {"rows": rows, "steps": args.steps, "repeats": args.repeats})
+    write_json(
+        args.json,
+        {
+            "rows": rows,
+            "lightning_alone": tiny_rows,
+            "steps": args.steps,
+            "repeats": args.repeats,
+        },
+    )
 
 
 if __name__ == "__main__":
