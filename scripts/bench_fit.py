@@ -83,11 +83,19 @@ def data() -> SinusoidDataModule:
     return SinusoidDataModule(meta_batch_size=25, batches_per_epoch=10_000)
 
 
-def fit(
-    cls: type[MAMLModule], steps: int, compile: bool = False, barebones: bool = False
+#: a Trainer without progress bar, logger, model summary or checkpoints
+QUIET = {
+    "logger": False,
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+    "enable_checkpointing": False,
+}
+
+
+def timed_fit(
+    module: pl.LightningModule, data: object, steps: int, **options: object
 ) -> tuple[float, float]:
-    pl.seed_everything(0, verbose=False)
-    module = cls(MLP(), loss="mse", inner_lr=0.01, inner_steps=1, compile=compile)
+    """Per-step (median, mean) seconds of ``Trainer.fit`` over ``steps`` steps after warm-up."""
     stamps: list[float] = []
 
     class Stamp(pl.Callback):
@@ -95,15 +103,6 @@ def fit(
             if trainer.global_step >= WARMUP:
                 stamps.append(time.perf_counter())
 
-    if barebones:  # refuses callbacks' logging and the options below, not callbacks
-        options = {"barebones": True}
-    else:
-        options = {
-            "logger": False,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "enable_checkpointing": False,
-        }
     trainer = pl.Trainer(
         max_steps=WARMUP + steps + 1,
         callbacks=[Stamp()],
@@ -112,8 +111,18 @@ def fit(
         devices=1,
         **options,
     )
-    trainer.fit(module, data())
+    trainer.fit(module, data)
     return per_step(stamps)
+
+
+def fit(
+    cls: type[MAMLModule], steps: int, compile: bool = False, barebones: bool = False
+) -> tuple[float, float]:
+    pl.seed_everything(0, verbose=False)
+    module = cls(MLP(), loss="mse", inner_lr=0.01, inner_steps=1, compile=compile)
+    # barebones sets the quiet options itself (and refuses them); callbacks still run
+    options = {"barebones": True} if barebones else QUIET
+    return timed_fit(module, data(), steps, **options)
 
 
 class OneParameter(pl.LightningModule):
@@ -140,25 +149,7 @@ def tiny_data(steps: int) -> torch.utils.data.DataLoader:
 
 
 def tiny_fit(steps: int, logged: int) -> tuple[float, float]:
-    stamps: list[float] = []
-
-    class Stamp(pl.Callback):
-        def on_train_batch_start(self, trainer, *args) -> None:
-            if trainer.global_step >= WARMUP:
-                stamps.append(time.perf_counter())
-
-    trainer = pl.Trainer(
-        max_steps=WARMUP + steps + 1,
-        callbacks=[Stamp()],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        accelerator="cpu",
-        devices=1,
-    )
-    trainer.fit(OneParameter(logged), tiny_data(steps))
-    return per_step(stamps)
+    return timed_fit(OneParameter(logged), tiny_data(steps), steps, **QUIET)
 
 
 def tiny_loop(steps: int) -> tuple[float, float]:
