@@ -19,14 +19,13 @@ the engine's loop and vmap paths. For each:
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from collections import Counter
 from collections.abc import Callable
 
 import torch
 from bench import autograd_loop_meta_gradient, eegnet_workload, engine_meta_gradient
-from benchtools import print_table, write_json
+from benchtools import median, print_table, time_call, write_json
 from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
@@ -65,13 +64,7 @@ def family(name: str) -> str:
 def matmul_rate(size: int = 1024, repeats: int = 10) -> float:
     """GFLOP/s of a float32 ``size x size`` matrix product on this thread (median)."""
     a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - start)
-    return 2 * size**3 / statistics.median(times) / 1e9
+    return 2 * size**3 / median(time_call(lambda: a @ b, warmup=1, iterations=repeats)) / 1e9
 
 
 def time_shares(fn: Callable[[], None], iterations: int = 3) -> dict[str, float]:
@@ -119,15 +112,16 @@ def main() -> None:
             fn()
         with OperatorCount() as count:
             fn()
-        seconds = statistics.median(times[name])
+        seconds = median(times[name])
+        gflop = flops.get_total_flops() / 1e9
         operators = sum(count.calls.values())
         rows.append(
             {
                 "variant": name,
                 "ms": 1e3 * seconds,
-                "gflop": flops.get_total_flops() / 1e9,
-                "gflops": flops.get_total_flops() / seconds / 1e9,
-                "of_peak": flops.get_total_flops() / seconds / 1e9 / peak,
+                "gflop": gflop,
+                "gflops": gflop / seconds,
+                "of_peak": gflop / seconds / peak,
                 "operators": operators,
                 "us_per_operator": 1e6 * seconds / operators,
             }

@@ -228,15 +228,14 @@ def main() -> None:
         "+ 4 values through self.log": lambda: tiny_fit(args.steps, 4),
     }
     start = time.perf_counter()
-    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
-    tiny_runs: dict[str, list[tuple[float, float]]] = {name: [] for name in lightning_alone}
+    every = {**variants, **lightning_alone}
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in every}
     for _ in range(args.repeats):
-        for name, run in variants.items():
+        for name, run in every.items():
             runs[name].append(run())
-        for name, run in lightning_alone.items():
-            tiny_runs[name].append(run())
     rows = []
-    for name, results in runs.items():
+    for name in variants:
+        results = runs[name]
         rows.append(
             {
                 "variant": name,
@@ -267,8 +266,8 @@ def main() -> None:
         ],
     )
     tiny_rows = [
-        {"variant": name, "median_ms": 1e3 * statistics.median(r[0] for r in results)}
-        for name, results in tiny_runs.items()
+        {"variant": name, "median_ms": 1e3 * statistics.median(r[0] for r in runs[name])}
+        for name in lightning_alone
     ]
     for row in tiny_rows:
         row["added_ms"] = row["median_ms"] - tiny_rows[0]["median_ms"]
