@@ -6,14 +6,19 @@ The network and the DataModule are chosen by class path in the config, e.g.
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from jsonargparse.typing import PositiveInt
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from lightning_maml._trust import _lookup, check_checkpoint_names, read_hyperparameters
 from lightning_maml.distributed import end_process_group
 from lightning_maml.module import MAMLModule
 
@@ -79,12 +84,82 @@ class MAMLCLI(LightningCLI):
             help="replace the config.yaml an earlier run saved in this run's folder",
         )
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse, then check ``--ckpt_path`` before Lightning reads the checkpoint's
+        hyper-parameters into the config: ``predict`` needs a checkpoint; a checkpoint naming an
+        untrusted loss, network, algorithm or optimizer is refused before anything is imported
+        (see :meth:`MAMLModule.load_from_checkpoint`); flags the checkpoint's values replace are
+        named in a warning."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        if subcommand is None:
+            return
+        config = self.config[subcommand]
+        ckpt_path = config.get("ckpt_path")
+        if not ckpt_path:
+            if subcommand == "predict":
+                raise MisconfigurationException(
+                    "`predict` without --ckpt_path would predict with the network as initialised "
+                    "(untrained): pass --ckpt_path=<a checkpoint of a fit>"
+                )
+            if subcommand in ("validate", "test"):
+                rank_zero_warn(
+                    f"`{subcommand}` without --ckpt_path scores the network as initialised "
+                    "(untrained): pass --ckpt_path=<a checkpoint of a fit> to score a trained one"
+                )
+            return
+        if not Path(ckpt_path).is_file():
+            return  # Lightning names the missing file
+        hparams = read_hyperparameters(ckpt_path)
+        given = config.model.as_dict() if hasattr(config.model, "as_dict") else dict(config.model)
+        check_checkpoint_names(
+            hparams,
+            given,
+            replaces=False,
+            how_to_pass="--model.{argument}=<the path it names> (or the same in your config)",
+        )
+        replaced = _replaced_flags(hparams, given)
+        if replaced:
+            rank_zero_warn(
+                "the checkpoint's hyper-parameters replace "
+                + ", ".join(
+                    f"--model.{k}={mine!r} (the checkpoint has {saved!r})"
+                    for k, mine, saved in replaced
+                )  # fmt: skip
+                + ": a checkpoint is restored as it was trained; to change these, build the "
+                "module in Python and load the weights (MAMLModule.load_from_checkpoint(path, "
+                "<argument>=...))"
+            )
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.get("threads") is not None:
             torch.set_num_threads(config["threads"])
         if config.get("overwrite_config"):
             self.save_config_kwargs = {**self.save_config_kwargs, "overwrite": True}
+
+
+def _replaced_flags(hparams: dict[str, Any], given: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``(argument, the user's value, the checkpoint's)`` for each model argument the user set to
+    something other than its default that the checkpoint's value replaces."""
+    from lightning_maml.module import MAMLModule
+
+    defaults = {
+        name: p.default for name, p in inspect.signature(MAMLModule.__init__).parameters.items()
+    }
+    replaced = []
+    for key, saved in hparams.items():
+        if key.startswith("_") or key not in given or key not in defaults:
+            continue
+        mine = given[key]
+        if mine == defaults[key] or mine == saved:
+            continue
+        if isinstance(mine, dict) and isinstance(saved, dict):  # compare the classes named
+            a, b = _lookup(str(mine.get("class_path"))), _lookup(str(saved.get("class_path")))
+            if a is not None and a is b:  # its arguments: jsonargparse fills in defaults
+                continue
+        replaced.append((key, mine, saved))
+    return replaced
 
 
 def build_cli(args: list[str] | None = None) -> LightningCLI:

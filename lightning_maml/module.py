@@ -24,6 +24,7 @@ from lightning_maml._checks import (
     check_vectorize,
 )
 from lightning_maml._imports import import_by_path
+from lightning_maml._trust import check_checkpoint_names, read_hyperparameters
 from lightning_maml.episode import Episode
 from lightning_maml.functional import (
     Algorithm,
@@ -370,6 +371,28 @@ class MAMLModule(pl.LightningModule):
                 "tensors that are not meta-parameters"
             )
 
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls,
+        checkpoint_path: Any,
+        map_location: Any = None,
+        hparams_file: Any = None,
+        strict: bool | None = None,
+        weights_only: bool | None = None,
+        **kwargs: Any,
+    ) -> MAMLModule:
+        """Lightning's ``load_from_checkpoint``, refusing, before anything is imported or built,
+        a checkpoint whose hyper-parameters name a loss, network, algorithm or optimizer that is
+        not this library's, torch's or registered, unless ``kwargs`` passes that argument
+        (``net=``, ``loss=``, ``algorithm=``, ``optimizer=``): a checkpoint never makes loading
+        import or call code of its choosing. See the reliability guide."""
+        hparams = read_hyperparameters(checkpoint_path, hparams_file, weights_only is not False)
+        check_checkpoint_names(hparams, kwargs)
+        return super().load_from_checkpoint(
+            checkpoint_path, map_location=map_location, hparams_file=hparams_file, strict=strict,
+            weights_only=weights_only, **kwargs,
+        )  # fmt: skip
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = {
             **_identity(self.loss_fn, self.algorithm),
@@ -378,8 +401,12 @@ class MAMLModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get(CHECKPOINT_KEY)
-        if saved is None:  # written before checkpoints recorded this
-            return
+        if not isinstance(saved, Mapping) or not {"loss", "algorithm"} <= set(saved):
+            raise ValueError(
+                f"this checkpoint has no {CHECKPOINT_KEY!r} entry recording the loss and the "
+                "algorithm it was trained with (every checkpoint of a MAMLModule has one): it was "
+                "not written by this library or was altered, and was refused"
+            )
         mine = _identity(self.loss_fn, self.algorithm)
         problems = []
         if saved["algorithm"] != mine["algorithm"]:

@@ -61,7 +61,13 @@ from lightning_maml.functional.algorithms import (
 )
 from lightning_maml.functional.execution import Executor, vmap_pays_off
 from lightning_maml.functional.inner import adapt_parameters, sgd_step, support_gradients
-from lightning_maml.functional.losses import LossFn, cross_entropy_loss, mse_loss, resolve_loss
+from lightning_maml.functional.losses import (
+    LossFn,
+    cross_entropy_loss,
+    mse_loss,
+    register_loss,
+    resolve_loss,
+)
 from lightning_maml.functional.meta_loss import (
     MetaLossOutput,
     episode_metrics,
@@ -101,6 +107,7 @@ __all__ = [
     "meta_objective",
     "mse_loss",
     "register_algorithm",
+    "register_loss",
     "resolve_algorithm",
     "resolve_loss",
     "sgd_step",

@@ -60,6 +60,34 @@ def cross_entropy_loss(logits: Tensor, target: Tensor) -> Tensor:
 
 
 _LOSSES: dict[str, LossFn] = {"mse": mse_loss, "cross_entropy": cross_entropy_loss}
+#: losses registered by their import paths (:func:`register_loss`): checkpoints may name them
+_REGISTERED_LOSSES: dict[str, LossFn] = {}
+
+
+def register_loss(loss: LossFn) -> LossFn:
+    """Trust ``loss``, a function importable by its path, to be named by checkpoints: a
+    checkpoint trained with it then reloads without ``loss=`` (loading never imports or calls a
+    function a checkpoint names unless it is this library's, torch's or registered); a decorator.
+
+    Example::
+
+        >>> @register_loss
+        ... def huber(prediction, target):
+        ...     return F.huber_loss(prediction, target)
+        >>> describe_loss(huber) in _REGISTERED_LOSSES
+        True
+    """
+    if not callable(loss):
+        raise TypeError(f"`loss` must be a callable (prediction, target) -> scalar, got {loss!r}")
+    module, name = getattr(loss, "__module__", None), getattr(loss, "__qualname__", "")
+    if not module or "<" in name:
+        raise ValueError(
+            f"`loss` {loss!r} has no import path (a lambda or a local function): only a function "
+            "defined at a module's top level can be named by a checkpoint; pass it as loss= "
+            "when loading instead"
+        )
+    _REGISTERED_LOSSES[f"{module}.{name}"] = loss
+    return loss
 
 
 def resolve_loss(loss: str | LossFn) -> LossFn:
@@ -107,6 +135,8 @@ def describe_loss(loss: str | LossFn) -> str | None:
     if not module or "<" in name or not isinstance(loss, type(describe_loss)):
         return None
     path = f"{module}.{name}"
+    if _REGISTERED_LOSSES.get(path) is loss:
+        return path
     return path if _import_callable(path) is loss else None
 
 
