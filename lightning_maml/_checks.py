@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 
+import torch
 from torch import Tensor
 
 VECTORIZE_MODES: tuple[str, ...] = ("auto", "vmap", "loop")
@@ -136,6 +137,31 @@ COMPILE_MODES: tuple[str, ...] = (
     "max-autotune-no-cudagraphs",
 )
 """The :func:`torch.compile` modes that ``compile`` may name (``True`` is ``"default"``)."""
+
+
+def check_finite_trials(
+    x: Tensor, y: Tensor, x_name: str = "support_x", y_name: str = "support_y"
+) -> None:
+    """Refuse NaN or inf in a task's trials ``x`` (``[K, ...]``) or float targets ``y``, naming
+    the trials that hold them.
+
+    Example::
+
+        >>> x = torch.zeros(4, 2); x[2, 1] = float("nan")
+        >>> check_finite_trials(x, torch.zeros(4))
+        Traceback (most recent call last):
+        ...
+        ValueError: `support_x` holds NaN or inf in trials [2] (of 4): calibration trials must be finite
+    """  # noqa: E501
+    for name, t in ((x_name, x), (y_name, y)):
+        if not t.is_floating_point() and not t.is_complex():
+            continue
+        bad = (~torch.isfinite(t)).reshape(len(t), -1).any(1).nonzero().flatten().tolist()
+        if bad:
+            raise ValueError(
+                f"`{name}` holds NaN or inf in trials {bad} (of {len(t)}): calibration trials "
+                "must be finite"
+            )
 
 
 def check_compile(value: object, name: str = "compile") -> str | None:

@@ -19,6 +19,7 @@ from lightning_maml._checks import (
     check_checkpointing,
     check_compile,
     check_episode,
+    check_finite_trials,
     check_inner_lr,
     check_inner_steps,
     check_vectorize,
@@ -40,6 +41,7 @@ from lightning_maml.functional.algorithms import TaskContext, describe_algorithm
 from lightning_maml.functional.losses import cross_entropy_loss, describe_loss
 from lightning_maml.functional.meta_loss import AlgorithmName, Vectorize
 from lightning_maml.functional.parameters import forward, task_batch_norm
+from lightning_maml.normalization import support_statistics
 
 #: the prefix of an algorithm's learned tensors in :meth:`MAMLModule.meta_parameters`
 ALGORITHM_PREFIX = "algorithm."
@@ -47,6 +49,8 @@ ALGORITHM_PREFIX = "algorithm."
 CHECKPOINT_KEY = "lightning_maml"
 
 OnNonFinite = Literal["raise", "skip"]
+#: how a calibrated network's BatchNorm layers normalise (:meth:`MAMLModule.adapt`)
+BatchNormStatistics = Literal["support", "batch"]
 
 #: the progress bar's short names of the logged values (loggers get ``{stage}/<name>``)
 BAR_NAMES = {"query_loss_before": "before", "query_loss_after": "after", "query_acc_after": "acc"}
@@ -677,7 +681,13 @@ class MAMLModule(pl.LightningModule):
             out = self.meta_forward(episode, self.eval_inner_steps, train=False)
         self._update_metrics(stage, out, episode)
 
-    def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> nn.Module:
+    def adapt(
+        self,
+        support_x: Tensor,
+        support_y: Tensor,
+        steps: int | None = None,
+        batch_norm: BatchNormStatistics = "support",
+    ) -> nn.Module:
         """Calibrate to one new task (e.g. a new EEG subject) from its labelled trials: a
         standalone copy of the network whose parameters are the meta-parameters after the
         algorithm's inner updates on ``support_x`` (``[K, *features]``) and ``support_y``
@@ -687,10 +697,22 @@ class MAMLModule(pl.LightningModule):
         inner rule (iMAML: the regularised steps).
 
         The copy is a plain ``nn.Module`` in eval mode with no graph to this module, which is left
-        unchanged: use it for inference, save it, export it. The adaptation runs as in validation
-        and test (dropout off, first order, from detached parameters). Its BatchNorm layers, as in
-        meta-training, normalise with the statistics of the batch they are given (their running
-        statistics are removed): give it the trials to classify together.
+        unchanged: use it for inference, save its ``state_dict`` (it loads into a fresh network
+        of the same class and arguments), trace or export it. The adaptation runs as in
+        validation and test (dropout off, first order, from detached parameters).
+
+        Its BatchNorm layers (``batch_norm``): ``"support"`` (default) normalise with the
+        statistics of the calibration trials (``support_x`` through the adapted network, kept as
+        their running statistics, the variance unbiased as torch keeps it), so that each trial
+        is classified alone, the same whether it comes alone or in a batch, and no trial to be
+        classified informs another; ``"batch"`` normalise with the statistics of the batch they
+        are given (as meta-training, validation and test do with each task's query set; their
+        running statistics are removed), for classifying a whole set of trials together.
+
+        Raises:
+            ValueError: on NaN or inf in ``support_x`` or ``support_y`` (naming the trials); on an
+                adaptation that ends in non-finite parameters or outputs (naming the step size
+                and steps); for ProtoMAML, on a support set without some of the head's classes.
 
         Example::
 
@@ -703,15 +725,39 @@ class MAMLModule(pl.LightningModule):
             (torch.Size([10, 1]), False)
         """
         steps = self.eval_inner_steps if steps is None else check_inner_steps(steps, "steps")
-        # one task, its support set standing in for the query set: the episode's checks
-        check_episode(support_x[None], support_y[None], support_x[None], support_y[None])
+        if batch_norm not in ("support", "batch"):
+            raise ValueError(f"`batch_norm` must be 'support' or 'batch', got {batch_norm!r}")
+        with torch.inference_mode(False):  # ordinary tensors, also when called under it
+            support_x, support_y = (
+                t.clone() if t.is_inference() else t for t in (support_x, support_y)
+            )
+            # one task, its support set standing in for the query set: the episode's checks
+            check_episode(support_x[None], support_y[None], support_x[None], support_y[None])
+            check_finite_trials(support_x, support_y)
+            self.algorithm.check_support(split_parameters(self.net)[0], support_y)
+            calibrated = self._adapted_copy(support_x, support_y, steps)
+            if batch_norm == "support":
+                support_statistics(calibrated, support_x)
+            else:
+                for module in calibrated.modules():
+                    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                        module.track_running_stats = False
+                        module.running_mean = module.running_var = None
+                        module.num_batches_tracked = None
+            calibrated.eval()
+            with torch.no_grad():
+                outputs = calibrated(support_x)
+            self._check_calibrated(calibrated, outputs, steps)
+        return calibrated
+
+    def _adapted_copy(self, support_x: Tensor, support_y: Tensor, steps: int) -> nn.Module:
         params, constants = split_parameters(self.net)
         params = {name: p.detach() for name, p in params.items()}
         learned = {name: t.detach() for name, t in self.algorithm.learned().items()}
         training = self.net.training
         self.net.eval()  # adapted as in validation and test: no dropout
         try:
-            with torch.inference_mode(False), torch.enable_grad(), task_batch_norm(self.net):
+            with torch.enable_grad(), task_batch_norm(self.net):
                 context = TaskContext(self.net, self.loss_fn, constants, self.inner_lr, steps)
                 adapted = self.algorithm.adapt_values(
                     context, params, learned, support_x, support_y
@@ -723,11 +769,26 @@ class MAMLModule(pl.LightningModule):
             for name, p in calibrated.named_parameters():
                 if name in adapted:
                     p.copy_(adapted[name].detach())
-        for module in calibrated.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.track_running_stats = False
-                module.running_mean = module.running_var = module.num_batches_tracked = None
-        return calibrated.eval()
+        return calibrated
+
+    def _check_calibrated(self, calibrated: nn.Module, outputs: Tensor, steps: int) -> None:
+        """A calibrated network of non-finite parameters or outputs is refused, not returned."""
+        bad = [n for n, p in calibrated.named_parameters() if not bool(torch.isfinite(p).all())]
+        if not bad and bool(torch.isfinite(outputs).all()):
+            return
+        rates = [t.detach() for t in self.algorithm.learned().values()]
+        learned = (
+            f", learned step sizes from {min(float(r.min()) for r in rates):.3g} to "
+            f"{max(float(r.max()) for r in rates):.3g}"
+            if rates
+            else ""
+        )
+        what = f"parameters {bad}" if bad else "outputs on the calibration trials"
+        raise ValueError(
+            f"the calibration diverged: its {what} are not finite after {steps} steps with "
+            f"inner_lr={self.inner_lr}{learned} from finite trials: pass fewer `steps` or build "
+            "the module with a smaller inner_lr"
+        )
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         """The query predictions of every episode of ``batch`` (``[tasks, queries, ...]``, the

@@ -38,6 +38,7 @@ from torch.overrides import TorchFunctionMode
 __all__ = [
     "ExactNormalization",
     "batch_norm",
+    "support_statistics",
     "exact_normalization",
     "group_norm",
     "instance_norm",
@@ -315,3 +316,46 @@ def exact_normalization(vectorized: bool = True) -> ExactNormalization:
     module's mean/variance arithmetic, whose second derivatives are exact under vmap. The engine's
     meta-loss runs every network call inside it."""
     return ExactNormalization(vectorized)
+
+
+def support_statistics(net: torch.nn.Module, support_x: Tensor) -> None:
+    """Make every BatchNorm layer of ``net`` normalise, in eval mode, with the statistics of
+    ``support_x`` (one batch through ``net``): its running mean and variance become that batch's
+    (the variance unbiased, as torch keeps it), whatever they were and whether or not the layer
+    tracked any. Dropout and other layers stay in eval mode meanwhile; ``net`` is left in eval mode.
+
+    Example::
+
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3, track_running_stats=False))
+        >>> support = torch.randn(8, 2)
+        >>> support_statistics(net, support)
+        >>> hidden = net[0](support)
+        >>> torch.allclose(net[1].running_mean, hidden.mean(0).detach())
+        True
+        >>> torch.allclose(net(support[:1]), net(support)[:1])  # one trial or many: the same
+        True
+    """
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    net.eval()
+    if not norms:
+        return
+    momenta = []
+    for norm in norms:
+        reference = norm.weight if norm.weight is not None else next(net.parameters(), None)
+        device = None if reference is None else reference.device
+        dtype = None if reference is None else reference.dtype
+        norm.track_running_stats = True
+        norm.running_mean = torch.zeros(norm.num_features, device=device, dtype=dtype)
+        norm.running_var = torch.ones(norm.num_features, device=device, dtype=dtype)
+        norm.num_batches_tracked = torch.tensor(0, dtype=torch.long, device=device)
+        momenta.append(norm.momentum)
+        norm.momentum = None  # a cumulative average: after one batch, that batch's statistics
+        norm.train()
+    try:
+        with torch.no_grad():
+            net(support_x)
+    finally:
+        for norm, momentum in zip(norms, momenta):
+            norm.momentum = momentum
+        net.eval()

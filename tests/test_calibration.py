@@ -1,6 +1,7 @@
 """Calibrating a new task: MAMLModule.adapt and trainer.predict against plain SGD and the engine."""
 
 import copy
+import warnings
 
 import lightning.pytorch as pl
 import pytest
@@ -125,7 +126,7 @@ def test_predict_returns_each_episodes_adapted_query_predictions_batch_norm_incl
     engine = module.meta_forward(episodes, 3, train=False).query_predictions
     torch.testing.assert_close(predicted, engine)
     for t in range(len(episodes.support_x)):  # the same network as adapt() gives, task by task
-        calibrated = module.adapt(episodes.support_x[t], episodes.support_y[t])
+        calibrated = module.adapt(episodes.support_x[t], episodes.support_y[t], batch_norm="batch")
         with torch.no_grad():
             torch.testing.assert_close(calibrated(episodes.query_x[t]), predicted[t])
     assert all(p.grad is None for p in module.parameters())
@@ -200,3 +201,113 @@ def test_per_step_batch_norm_trains_restores_from_a_checkpoint_and_adapts_alike(
     a = module.adapt(episodes.support_x[0], episodes.support_y[0], steps=4)
     b = loaded.adapt(episodes.support_x[0], episodes.support_y[0], steps=4)
     torch.testing.assert_close(a(episodes.query_x[0]), b(episodes.query_x[0]))
+
+
+# ---- what adapt returns: BatchNorm from the calibration trials, refusals, ordinary tensors ------
+
+
+def test_support_statistics_normalise_each_trial_as_written_by_hand():
+    pl.seed_everything(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(2, 4), torch.nn.BatchNorm1d(4), torch.nn.Tanh(), torch.nn.Linear(4, 1)
+    ).double()
+    with torch.no_grad():
+        net[1].weight.uniform_(0.5, 1.5)
+        net[1].bias.uniform_(-0.5, 0.5)
+    module = MAMLModule(net, inner_lr=0.1)
+    g = torch.Generator().manual_seed(1)
+    sx, sy = torch.randn(9, 2, generator=g, dtype=torch.float64), torch.randn(9, 1, generator=g)
+    qx = torch.randn(5, 2, generator=g, dtype=torch.float64)
+    calibrated = module.adapt(sx, sy.double(), steps=3)
+    p = dict(calibrated.named_parameters())
+    hidden = sx @ p["0.weight"].T + p["0.bias"]  # the support statistics, by hand
+    mean, var = hidden.mean(0), hidden.var(0, unbiased=True)
+    h = (qx @ p["0.weight"].T + p["0.bias"] - mean) / torch.sqrt(var + net[1].eps)
+    expected = torch.tanh(p["1.weight"] * h + p["1.bias"]) @ p["3.weight"].T + p["3.bias"]
+    with torch.no_grad():
+        torch.testing.assert_close(calibrated(qx), expected, rtol=1e-12, atol=1e-12)
+        one_by_one = torch.cat([calibrated(qx[i : i + 1]) for i in range(len(qx))])
+        torch.testing.assert_close(one_by_one, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "protomaml", "imaml"])
+def test_a_calibrated_eegnet_classifies_one_trial_as_in_a_batch_and_reloads_in_a_fresh_process(
+    tmp_path, algorithm
+):
+    import subprocess
+    import sys
+
+    pl.seed_everything(0)
+    make = dict(n_channels=3, n_samples=32, n_classes=2, sampling_rate=16)
+    net = EEGNet(**make, dense_max_norm=None if algorithm == "protomaml" else 0.25)
+    module = MAMLModule(net, loss="cross_entropy", inner_lr=0.1, algorithm=algorithm)
+    episodes = _eeg_episodes(1)
+    calibrated = module.adapt(episodes.support_x[0], episodes.support_y[0], steps=3)
+    layered = EEGNet(**{**net.init_args, "fused": False})  # the same weights, layer by layer
+    layered.load_state_dict(calibrated.state_dict())
+    query = episodes.query_x[0]
+    with torch.no_grad():
+        batch = calibrated(query)
+        alone = torch.cat([calibrated(query[i : i + 1]) for i in range(len(query))])
+        torch.testing.assert_close(alone, batch, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(layered.eval()(query), batch, rtol=1e-4, atol=1e-5)
+        with warnings.catch_warnings():  # sizes become constants: the network's are fixed
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            traced = torch.jit.trace(calibrated, query[:1], check_trace=False)
+        torch.testing.assert_close(traced(query), batch, rtol=1e-5, atol=1e-6)
+        exported = torch.export.export(
+            calibrated, (query[:2],), dynamic_shapes={"x": {0: torch.export.Dim("batch")}}
+        )
+        torch.testing.assert_close(exported.module()(query), batch, rtol=1e-5, atol=1e-6)
+    torch.save({"state_dict": calibrated.state_dict(), "init_args": net.init_args},
+               tmp_path / "calibrated.pt")  # fmt: skip
+    torch.save(query, tmp_path / "query.pt")
+    script = (
+        "import sys, torch\n"
+        "from lightning_maml.models import EEGNet\n"
+        "saved = torch.load(sys.argv[1] + '/calibrated.pt')\n"
+        "net = EEGNet(**saved['init_args'])\n"
+        "net.load_state_dict(saved['state_dict'])\n"
+        "net.eval()\n"
+        "with torch.no_grad():\n"
+        "    torch.save(net(torch.load(sys.argv[1] + '/query.pt')), sys.argv[1] + '/out.pt')\n"
+    )
+    subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=True)
+    assert torch.equal(torch.load(tmp_path / "out.pt"), batch)
+
+
+def test_adapt_refuses_non_finite_trials_naming_them_and_a_diverging_step_size():
+    module = MAMLModule(tanh_mlp(), inner_lr=0.1)
+    sx, sy, _ = _task()
+    sx, sy = sx.float().clone(), sy.float().clone()
+    sx[3, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"`support_x` holds NaN or inf in trials \[3\]"):
+        module.adapt(sx, sy)
+    sx[3, 0] = 0.0
+    sy[[1, 6], 0] = float("inf")
+    with pytest.raises(ValueError, match=r"`support_y` holds NaN or inf in trials \[1, 6\]"):
+        module.adapt(sx, sy)
+    sy[[1, 6], 0] = 0.0
+    diverging = MAMLModule(tanh_mlp(), inner_lr=1e6)
+    with pytest.raises(ValueError, match=r"calibration diverged.*inner_lr=1000000.0"):
+        diverging.adapt(sx * 1e3, sy * 1e3, steps=20)
+
+
+def test_adapt_under_inference_mode_returns_ordinary_tensors():
+    module = MAMLModule(EEGNet(3, 32, 2, sampling_rate=16), loss="cross_entropy", inner_lr=0.1)
+    episodes = _eeg_episodes(1)
+    with torch.inference_mode():
+        support_x = episodes.support_x[0].clone()
+        calibrated = module.adapt(support_x, episodes.support_y[0])
+    tensors = [*calibrated.parameters(), *calibrated.buffers()]
+    assert tensors and not any(t.is_inference() for t in tensors)
+    calibrated.train()  # fine-tuning it later works
+    calibrated(episodes.query_x[0]).sum().backward()
+
+
+def test_protomaml_refuses_a_support_set_without_one_of_its_classes():
+    net = EEGNet(3, 32, 3, sampling_rate=16, dense_max_norm=None)
+    module = MAMLModule(net, loss="cross_entropy", inner_lr=0.1, algorithm="protomaml")
+    episodes = _eeg_episodes(1)
+    with pytest.raises(ValueError, match=r"has none of classes \[2\] \(of the head's 3\)"):
+        module.adapt(episodes.support_x[0], episodes.support_y[0])

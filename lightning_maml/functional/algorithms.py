@@ -241,6 +241,11 @@ class Algorithm(nn.Module):
         """The task's outer objective from its (weighted) query loss: the query loss itself."""
         return query_loss
 
+    def check_support(self, params: Mapping[str, Tensor], support_y: Tensor) -> None:
+        """Refuse a calibration support set (one task's ``[K, ...]`` targets) this algorithm
+        cannot adapt on, before adapting (:meth:`~lightning_maml.MAMLModule.adapt`); every
+        support set by default."""
+
     def start(
         self, context: TaskContext, params: dict[str, Tensor], support_x: Tensor, support_y: Tensor
     ) -> dict[str, Tensor]:
@@ -449,7 +454,8 @@ class ProtoMAML(Algorithm):
     meta-gradient reaches the body through the prototypes as well as through the adaptation
     (second order; ``first_order=True``: through the prototypes and the identity, fo-Proto-MAML).
     The head's own parameters are replaced in every task and get no meta-gradient; they give the
-    number of classes. A class without support examples gets a zero prototype. The head must
+    number of classes. A class without support examples gets a zero prototype in training
+    (refused by :meth:`~lightning_maml.MAMLModule.adapt`, which checks first). The head must
     compute ``x @ weight.T + bias``: one that constrains its weight (EEGNet's max-norm dense
     layer rescales ``2 c_k`` but not the bias) starts from another classifier
     (``EEGNet(dense_max_norm=None)`` has a plain one).
@@ -518,6 +524,21 @@ class ProtoMAML(Algorithm):
     def _bind(self, params: Mapping[str, Tensor], inner_lr: float, inner_steps: int) -> None:
         if self._head_names is None:
             self._head_names = self._find_head(params)
+
+    def check_support(self, params: Mapping[str, Tensor], support_y: Tensor) -> None:
+        """A support set without some of the head's classes would give them zero prototypes:
+        refused, naming them."""
+        weight_name, _ = self._head_names or self._find_head(params)
+        if support_y.is_floating_point():
+            return  # start() names it
+        classes = params[weight_name].shape[0]
+        missing = sorted(set(range(classes)) - set(support_y.flatten().tolist()))
+        if missing:
+            raise ValueError(
+                f"ProtoMAML starts each class's head from its support examples, but `support_y` "
+                f"has none of classes {missing} (of the head's {classes}): give at least one "
+                "trial of every class"
+            )
 
     def start(
         self, context: TaskContext, params: dict[str, Tensor], support_x: Tensor, support_y: Tensor

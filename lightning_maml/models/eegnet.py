@@ -15,6 +15,7 @@ def _max_norm(weight: Tensor, max_norm: float) -> Tensor:
 
 def _fast_length(n: int) -> int:
     """The smallest ``2^a 3^b 5^c >= n``: FFT lengths pocketfft and cuFFT compute fast."""
+    n = int(n)  # a size under torch.jit.trace is a tensor; the network's lengths are fixed
     best = 1 << max(n - 1, 0).bit_length()
     p2 = 1
     while p2 < best:
@@ -278,6 +279,13 @@ class EEGNet(nn.Module):
             raise ValueError(
                 f"EEGNet was built for n_channels={self.n_channels}, got input of shape "
                 f"{tuple(x.shape)} ([batch, channels, samples] or [batch, 1, channels, samples])"
+            )
+        if x.shape[-1] != self.n_samples:
+            rate = self.init_args["sampling_rate"]
+            raise ValueError(
+                f"EEGNet was built for n_samples={self.n_samples} ({self.n_samples / rate:g} s at "
+                f"sampling_rate={rate} Hz), got {x.shape[-1]} samples per trial (input shape "
+                f"{tuple(x.shape)}): cut the trials to the window it was trained on"
             )
         if x.dim() == 3:
             x = x.unsqueeze(1)

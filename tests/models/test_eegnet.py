@@ -197,3 +197,11 @@ def test_the_dense_layer_can_be_a_plain_linear_layer():
     assert net.init_args["dense_max_norm"] is None
     with pytest.raises(ValueError, match="`dense_max_norm` must be > 0 or None, got 0"):
         EEGNet(4, 64, 3, dense_max_norm=0)
+
+
+def test_a_trial_of_another_length_is_refused_naming_n_samples_and_the_sampling_rate():
+    net = EEGNet(4, 64, 2, sampling_rate=32)
+    for samples in (95, 65, 63, 40):  # longer ones used to pass silently, shorter ones crash
+        with pytest.raises(ValueError, match=rf"n_samples=64 \(2 s at sampling_rate=32 Hz\), "
+                           rf"got {samples} samples"):  # fmt: skip
+            net(torch.randn(2, 4, samples))
