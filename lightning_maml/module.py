@@ -33,6 +33,7 @@ from lightning_maml.functional import (
     MetaLossOutput,
     episode_metrics,
     meta_loss,
+    nonfinite_tasks,
     resolve_algorithm,
     resolve_loss,
     split_parameters,
@@ -353,8 +354,11 @@ class MAMLModule(pl.LightningModule):
             names.append("query_acc_after")
         # one set per stage (attribute names, as "train" would shadow nn.Module.train in a dict)
         self.train_metrics = nn.ModuleDict({name: MeanMetric() for name in names})
-        self.val_metrics = nn.ModuleDict({name: MeanMetric() for name in names})
-        self.test_metrics = nn.ModuleDict({name: MeanMetric() for name in names})
+        # evaluation means leave out non-finite values, which _update_metrics counts and reports
+        self.val_metrics = nn.ModuleDict({n: MeanMetric(nan_strategy="ignore") for n in names})
+        self.test_metrics = nn.ModuleDict({n: MeanMetric(nan_strategy="ignore") for n in names})
+        #: per evaluation stage this epoch: (tasks whose adaptation ended non-finite, tasks)
+        self._nonfinite_counts: dict[str, tuple[int, int]] = {}
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -653,6 +657,14 @@ class MAMLModule(pl.LightningModule):
         self._train_totals.clear()
 
     def _update_metrics(self, stage: str, out: MetaLossOutput, batch: Episode) -> None:
+        bad = nonfinite_tasks(out)
+        count, total = self._nonfinite_counts.get(stage, (0, 0))
+        self._nonfinite_counts[stage] = (count + int(bad.sum()), total + len(bad))
+        if not self.trainer.barebones:
+            self.log(
+                f"{stage}/nonfinite_tasks", bad.sum().float(), on_step=False, on_epoch=True,
+                reduce_fx="sum", sync_dist=True, batch_size=len(bad),
+            )  # fmt: skip
         metrics = getattr(self, f"{stage}_metrics")
         for name, value in self._metric_values(out, batch).items():
             metrics[name].update(value)
@@ -671,6 +683,23 @@ class MAMLModule(pl.LightningModule):
                     f"{stage}_{BAR_NAMES[name]}", value.float().mean(), on_step=False,
                     on_epoch=True, prog_bar=True, logger=False, batch_size=value.numel(),
                 )  # fmt: skip
+
+    def _report_nonfinite(self, stage: str) -> None:
+        count, total = self._nonfinite_counts.pop(stage, (0, 0))
+        if count:
+            rank_zero_warn(
+                f"{count} of {total} {'validation' if stage == 'val' else stage} tasks ended with "
+                f"a non-finite query loss or predictions after adaptation (data with NaN or inf, "
+                f"or an adaptation that diverged: inner_lr={self.inner_lr}, eval_inner_steps="
+                f"{self.eval_inner_steps}): left out of the {stage}/query_loss_* means, counted as "
+                f"wrong in {stage}/query_acc_after, and counted in {stage}/nonfinite_tasks"
+            )
+
+    def on_validation_epoch_end(self) -> None:
+        self._report_nonfinite("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._report_nonfinite("test")
 
     def _evaluate(self, batch: Any, stage: str) -> None:
         # Lightning evaluates under inference mode; the inner loop needs autograd, and inference

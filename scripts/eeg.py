@@ -58,6 +58,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 
 FAMILY = ("maml", "fomaml", "anil", "metasgd", "imaml", "protomaml")
@@ -225,7 +226,7 @@ from tqdm import tqdm  # noqa: E402
 from lightning_maml import Episode, MAMLModule  # noqa: E402
 from lightning_maml.datamodules import MOABBDataModule  # noqa: E402
 from lightning_maml.datamodules.alignment import SupportAlignment  # noqa: E402
-from lightning_maml.functional import IMAML, meta_loss  # noqa: E402
+from lightning_maml.functional import IMAML, meta_loss, nonfinite_tasks, query_correct  # noqa: E402
 from lightning_maml.functional.algorithms import describe_algorithm  # noqa: E402
 from lightning_maml.models import EEGNet  # noqa: E402
 
@@ -368,7 +369,15 @@ def adapted_accuracies(
                 track_initial_loss=False,
                 executor=module.executor,
             )
-        correct = out.query_predictions.argmax(-1) == part.query_y
+        # a non-finite prediction is wrong, never argmax's class 0; such episodes are named
+        correct = query_correct(out.query_predictions, part.query_y)
+        bad = nonfinite_tasks(out).nonzero().flatten().tolist()
+        if bad:
+            warnings.warn(
+                f"episodes {[start + b for b in bad]} of this batch ended with non-finite "
+                f"predictions after {steps} adaptation steps: scored as wrong",
+                stacklevel=2,
+            )
         results += correct.float().mean(1).tolist()
     return results
 

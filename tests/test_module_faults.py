@@ -350,3 +350,30 @@ def test_a_network_that_cannot_be_described_is_asked_for_by_name(tmp_path):
     with pytest.raises(TypeError, match=r"`net` is missing.*load_from_checkpoint\(path, net="):
         MAMLModule.load_from_checkpoint(ckpt)
     assert isinstance(MAMLModule.load_from_checkpoint(ckpt, net=Own()).net, Own)
+
+
+# ---- evaluation tasks whose adaptation ends non-finite -----------------------------------------
+
+
+def test_a_task_with_nan_predictions_scores_wrong_and_is_counted_and_reported():
+    pl.seed_everything(0)
+    g = torch.Generator().manual_seed(0)
+    sx, qx = torch.randn(4, 6, 4, generator=g), torch.randn(4, 6, 4, generator=g)
+    sy = qy = torch.zeros(4, 6, dtype=torch.long)  # every query of class 0
+    sx[1, 2, 0] = float("nan")  # task 1's adaptation ends in NaN
+    net = nn.Linear(4, 2)
+    with torch.no_grad():  # class 0 for every finite input, before and after adaptation
+        net.weight.zero_()
+        net.bias.copy_(torch.tensor([5.0, -5.0]))
+    module = MAMLModule(net, loss="cross_entropy", inner_lr=0.1)
+    loader = DataLoader(TaskSet(Episode(sx, sy, qx, qy)), batch_size=4)
+    with pytest.warns(UserWarning, match=r"1 of 4 test tasks ended with a non-finite query loss"):
+        metrics = quiet_trainer().test(module, loader, verbose=False)[0]
+    assert metrics["test/nonfinite_tasks"] == 1
+    # the other three tasks' queries are right, task 1's six are wrong (argmax of NaN is 0)
+    assert metrics["test/query_acc_after"] == pytest.approx(18 / 24)
+    assert math.isfinite(metrics["test/query_loss_after"])
+    with warnings.catch_warnings():  # torchmetrics' generic NaN warning no longer appears
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", message=".*non-finite query loss")
+        quiet_trainer().test(module, loader, verbose=False)

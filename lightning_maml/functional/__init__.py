@@ -73,6 +73,8 @@ from lightning_maml.functional.meta_loss import (
     episode_metrics,
     meta_loss,
     meta_objective,
+    nonfinite_tasks,
+    query_correct,
 )
 from lightning_maml.functional.parameters import forward, split_parameters, task_batch_norm
 
@@ -106,6 +108,8 @@ __all__ = [
     "meta_loss",
     "meta_objective",
     "mse_loss",
+    "nonfinite_tasks",
+    "query_correct",
     "register_algorithm",
     "register_loss",
     "resolve_algorithm",

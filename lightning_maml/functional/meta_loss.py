@@ -72,7 +72,9 @@ def episode_metrics(
     """What :class:`~lightning_maml.MAMLModule` logs of a batch, from its :func:`meta_loss`
     output and query targets, as tensors to average: ``query_loss_after`` (per task),
     ``query_loss_before`` (per task, where computed) and, with ``classification``,
-    ``query_acc_after`` (per query example; soft targets count their most probable class).
+    ``query_acc_after`` (per query example; soft targets count their most probable class; a
+    prediction that is not finite counts as wrong, never as whichever class ``argmax`` picks).
+    Tasks whose adaptation ended non-finite: :func:`nonfinite_tasks`.
 
     Example::
 
@@ -92,9 +94,40 @@ def episode_metrics(
         target = query_y
         if target.is_floating_point():  # class probabilities: the most probable class
             target = target.argmax(dim=2)
-        correct = out.query_predictions.argmax(dim=2) == target
-        values["query_acc_after"] = correct.float().flatten()
+        values["query_acc_after"] = query_correct(out.query_predictions, target).float().flatten()
     return values
+
+
+def query_correct(predictions: Tensor, targets: Tensor) -> Tensor:
+    """Whether each prediction (``[..., classes]`` logits) names its class-index target
+    (``[...]``); a prediction with NaN or inf is wrong, whatever ``argmax`` makes of it.
+
+    Example::
+
+        >>> import torch
+        >>> logits = torch.tensor([[2.0, 1.0], [float("nan"), float("nan")]])
+        >>> query_correct(logits, torch.tensor([0, 0])).tolist()
+        [True, False]
+    """
+    finite = torch.isfinite(predictions).all(dim=-1)
+    return (predictions.argmax(dim=-1) == targets) & finite
+
+
+def nonfinite_tasks(out: MetaLossOutput) -> Tensor:
+    """``[T]`` bool: the tasks whose query loss or query predictions after adaptation hold NaN or
+    inf (their data, or a diverged adaptation); :class:`~lightning_maml.MAMLModule` counts them
+    as ``{stage}/nonfinite_tasks`` and leaves them out of the loss means.
+
+    Example::
+
+        >>> import torch
+        >>> out = MetaLossOutput(torch.tensor(0.0), torch.tensor([0.5, float("nan")]),
+        ...                      torch.zeros(2, 3, 1), None, False)
+        >>> nonfinite_tasks(out).tolist()
+        [False, True]
+    """
+    predictions = out.query_predictions.reshape(len(out.query_losses), -1)
+    return ~torch.isfinite(out.query_losses) | ~torch.isfinite(predictions).all(dim=1)
 
 
 def meta_loss(
