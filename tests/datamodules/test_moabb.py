@@ -510,3 +510,42 @@ def test_loading_a_real_subject_prints_and_warns_nothing_a_user_cannot_act_on(
     printed = capfd.readouterr()
     assert "Used Annotations" not in printed.out + printed.err
     assert "Montage name" not in printed.out + printed.err
+
+
+def test_a_rank_deficient_support_is_shrunk_with_a_warning_not_amplified_thousands_of_times():
+    from lightning_maml.datamodules.alignment import SHRINK_FLOOR, align, alignment_matrix
+
+    rng = np.random.default_rng(0)
+    query = torch.as_tensor(rng.standard_normal((5, 16, 40)))
+    short = torch.as_tensor(rng.standard_normal((1, 16, 10)))  # 10 samples for 16 channels
+    with pytest.warns(UserWarning, match=r"rank-deficient \(1 trial\(s\) of 10 samples for 16 "):
+        matrix = alignment_matrix(short)
+    gain = align(query, matrix).std() / query.std()
+    assert gain < 1 / SHRINK_FLOOR**0.5 * 1.5  # without shrinkage: over 10^4
+    dead = torch.as_tensor(rng.standard_normal((6, 16, 40)))
+    dead[:, 5] = 0.0  # a dead electrode in the calibration trials only
+    with pytest.warns(UserWarning, match=r"channels \[5\] flat in these trials"):
+        matrix = alignment_matrix(dead)
+    assert align(query, matrix)[:, 5].std() / query[:, 5].std() < 1 / SHRINK_FLOOR**0.5 * 1.5
+    with warnings.catch_warnings():  # a healthy estimate is left alone, silently
+        warnings.simplefilter("error")
+        healthy = torch.as_tensor(rng.standard_normal((6, 16, 40)))
+        np.testing.assert_allclose(
+            alignment_matrix(healthy).numpy(), _numpy_alignment(healthy.numpy()), 1e-10
+        )
+
+
+def test_alignment_names_bad_trials_and_takes_what_alignment_matrix_takes():
+    from lightning_maml.datamodules.alignment import align, alignment_matrix
+
+    x = np.random.default_rng(1).standard_normal((4, 3, 50))
+    x[2, 1, 7] = np.nan
+    with pytest.raises(ValueError, match=r"`trials` holds NaN or inf in trials \[2\] \(of 4\)"):
+        alignment_matrix(x)
+    with pytest.raises(ValueError, match="are all zero"):
+        alignment_matrix(np.zeros((4, 3, 50)))
+    counts = np.random.default_rng(2).integers(-50, 50, (4, 3, 50))  # integer trials
+    aligned = align(counts, alignment_matrix(counts))  # NumPy arrays, as alignment_matrix takes
+    assert aligned.is_floating_point() and aligned.abs().sum() > 0
+    covariance = (aligned @ aligned.transpose(1, 2)).mean(0) / 50
+    torch.testing.assert_close(covariance, torch.eye(3), rtol=1e-4, atol=1e-4)
