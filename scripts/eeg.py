@@ -57,6 +57,7 @@ import argparse
 import hashlib
 import json
 import os
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -87,12 +88,25 @@ def _merged_rows(path: str, args: argparse.Namespace, parser: argparse.ArgumentP
     return rows
 
 
-def _subjects(text: str) -> list[int]:
-    """``"1-9,12"`` -> ``[1, ..., 9, 12]``."""
+def _subjects(
+    text: str, option: str, parser: argparse.ArgumentParser, empty: bool = False
+) -> list[int]:
+    """``"1-9,12"`` -> ``[1, ..., 9, 12]``; refused, naming ``option``, unless every part is a
+    number or an increasing range, no subject comes twice, and (unless ``empty``) one is named."""
     out: list[int] = []
-    for part in filter(None, text.split(",")):
-        low, _, high = part.partition("-")
-        out += list(range(int(low), int(high or low) + 1))
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        low, dash, high = part.partition("-")
+        if not low.isdigit() or (dash and not high.isdigit()):
+            parser.error(f"{option} {text!r}: {part!r} is not a subject number or a range a-b")
+        start, stop = int(low), int(high) if dash else int(low)
+        if stop < start:
+            parser.error(f"{option} {text!r}: the range {part!r} runs backwards")
+        out += list(range(start, stop + 1))
+    twice = sorted({s for s in out if out.count(s) > 1})
+    if twice:
+        parser.error(f"{option} {text!r} names subjects {twice} more than once")
+    if not out and not empty:
+        parser.error(f"{option} {text!r} names no subject")
     return out
 
 
@@ -148,11 +162,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "shares them)",
     )
     args = parser.parse_args(argv)
-    args.subjects = _subjects(args.subjects)
-    args.test_subjects = _subjects(args.test_subjects)
-    args.selection_subjects = _subjects(args.selection_subjects)
+    args.subjects = _subjects(args.subjects, "--subjects", parser)
+    args.test_subjects = _subjects(args.test_subjects, "--test-subjects", parser)
+    args.selection_subjects = _subjects(
+        args.selection_subjects, "--selection-subjects", parser, empty=True
+    )
     if args.train_subjects is not None:
-        args.train_subjects = _subjects(args.train_subjects)
+        args.train_subjects = _subjects(args.train_subjects, "--train-subjects", parser)
     args.methods = _values(args.methods, str)
     networks = [m for m in args.methods if m in NETWORKS]
     args.selection_methods = (
@@ -557,9 +573,13 @@ def run_stage(
             fold_rows = run_method(fold, method, settings, args, cache)
             for row in fold_rows:
                 row["subject"] = fold["test"]
-            temporary = path.with_suffix(".tmp")
-            temporary.write_text(json.dumps({"fold": fold, "method": method, "rows": fold_rows}))
-            os.replace(temporary, path)  # whole files only: a killed run leaves none half-written
+            # a name of this run's own (concurrent runs share the folder), then renamed whole: a
+            # killed run leaves no half-written fold
+            with tempfile.NamedTemporaryFile(
+                "w", dir=store, prefix=path.stem + ".", suffix=".tmp", delete=False
+            ) as temporary:
+                temporary.write(json.dumps({"fold": fold, "method": method, "rows": fold_rows}))
+            os.replace(temporary.name, path)
         rows += fold_rows
         progress.update()
     progress.close()

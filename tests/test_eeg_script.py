@@ -3,6 +3,7 @@ killed fold, and no query trial of a test subject in anything fitted."""
 
 import importlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -106,3 +107,19 @@ def test_a_test_subjects_query_trials_reach_no_alignment_and_no_fit():
         for t in (x, poisoned)
     ]
     np.testing.assert_array_equal(fits[0][-1].coef_, fits[1][-1].coef_)
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--test-subjects", "3,3"], r"--test-subjects '3,3' names subjects \[3\] more than once"),
+        (["--test-subjects="], r"--test-subjects '' names no subject"),
+        (["--test-subjects", "3-2"], r"--test-subjects '3-2': the range '3-2' runs backwards"),
+        (["--subjects", "a-c"], r"--subjects 'a-c': 'a-c' is not a subject number or a range"),
+    ],
+)
+def test_subject_lists_are_checked_when_parsed_naming_the_option(arguments, message):
+    command = [sys.executable, str(ROOT / "scripts" / "eeg.py"), *arguments]
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert re.search(message, done.stderr), done.stderr
