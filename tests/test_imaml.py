@@ -168,3 +168,21 @@ def test_a_module_training_where_the_implicit_gradient_does_not_exist_stops_sayi
     )  # fmt: skip
     quiet_trainer(max_epochs=1, limit_val_batches=0).fit(module, loader)
     assert module.nonfinite_steps == 0
+
+
+def test_the_indefiniteness_guard_fires_exactly_when_cg_explores_a_negative_direction():
+    # H with one eigenvalue below -lam: I + H/lam has eigenvalues 1.5, 2, ..., and -0.5 on the
+    # last coordinate, which the right-hand side barely reaches
+    lam = 2.0
+    eigenvalues = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, -3.0], dtype=torch.float64)
+    hessian = torch.diag(eigenvalues)
+    gradient = lambda phi: {"w": hessian @ phi["w"]}  # noqa: E731
+    phi = {"w": torch.zeros(7, dtype=torch.float64)}
+    rhs = {"w": torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1e-3], dtype=torch.float64)}
+    few = IMAML(lam=lam, cg_steps=3, cg_tol=0.0)._solve(gradient, phi, rhs)["w"]
+    assert torch.isfinite(few).all()  # 3 steps stay where I + H/lam is positive definite
+    enough = IMAML(lam=lam, cg_steps=7, cg_tol=0.0)._solve(gradient, phi, rhs)["w"]
+    assert torch.isnan(enough).all()  # as many steps as parameters: the negative direction
+    convex = IMAML(lam=4.0, cg_steps=7, cg_tol=0.0)._solve(gradient, phi, rhs)["w"]
+    expected = torch.linalg.solve(torch.eye(7, dtype=torch.float64) + hessian / 4.0, rhs["w"])
+    torch.testing.assert_close(convex, expected)  # lam above |-3|: the gradient exists

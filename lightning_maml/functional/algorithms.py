@@ -781,6 +781,16 @@ class IMAML(Algorithm):
     :class:`~lightning_maml.MAMLModule` then stops (or skips the step, ``on_nonfinite="skip"``)
     and says so. A larger ``lam`` keeps the problem convex.
 
+    Exactly when that guard holds: CG meets such a direction within its ``cg_steps`` iterations
+    (those before its residual falls below ``cg_tol``) exactly when ``I + H/lam`` is not positive
+    definite on the Krylov subspace those iterations span, from the query gradient. With as
+    many iterations as adapted parameters (in exact arithmetic) that is whenever the problem is
+    not convex; with fewer, e.g. the default 5, a non-convex task whose query gradient barely
+    reaches the negative directions can get a finite meta-gradient that solves the system only
+    on that subspace: not the implicit gradient, which does not exist there. The guard is a
+    detector of what CG saw, not a proof of convexity; a ``lam`` above the magnitude of the most
+    negative Hessian eigenvalue is what makes every task's gradient exist.
+
     Args:
         lam: the regularisation strength ``lam`` > 0 (larger: ``phi*`` stays nearer ``theta``);
             it must exceed the magnitude of the support loss's most negative Hessian eigenvalue
