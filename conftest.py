@@ -17,6 +17,7 @@ ROOT = Path(__file__).parent
 _EEG_MODULES = [
     "lightning_maml/datamodules/synthetic_eeg.py",
     "lightning_maml/datamodules/moabb.py",
+    "lightning_maml/datamodules/recordings.py",
 ]
 _NOT_CHECKOUT = {".git", ".venv", ".ci-venv", "__pycache__", ".pytest_cache", ".ruff_cache"}
 

@@ -324,6 +324,9 @@ class MAMLModule(pl.LightningModule):
         self.on_nonfinite = on_nonfinite
         #: training steps skipped for a non-finite meta-loss or meta-gradient (``"skip"``)
         self.nonfinite_steps = 0
+        #: how the data module made the trials (``describe_preprocessing()`` of the data module
+        #: it was fitted on, e.g. MOABBDataModule's; kept in checkpoints), or ``None``
+        self.preprocessing: dict[str, Any] | None = None
         # the hyper-parameters rebuild the loss and the algorithm where they can be described
         # (a name, an import path, a class path with its arguments); where not, they are left
         # out and on_load_checkpoint refuses a module built otherwise than the one trained
@@ -364,6 +367,7 @@ class MAMLModule(pl.LightningModule):
         return self.net(x)
 
     def on_fit_start(self) -> None:
+        self._record_preprocessing()
         if self.optimizers_from is None:
             return
         optimized = {
@@ -378,6 +382,19 @@ class MAMLModule(pl.LightningModule):
                 f"must cover exactly the meta-parameters: missing {missing}, and {foreign} "
                 "tensors that are not meta-parameters"
             )
+
+    def _record_preprocessing(self) -> None:
+        """Keep how the data module makes its trials (``describe_preprocessing``, e.g.
+        MOABBDataModule's), for checkpoints: a new person's recordings are then prepared alike
+        (:class:`~lightning_maml.datamodules.recordings.EEGPreprocessing`)."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        describe = getattr(datamodule, "describe_preprocessing", None)
+        if not callable(describe):
+            return
+        try:
+            self.preprocessing = describe()
+        except ValueError as error:
+            rank_zero_warn(f"the data's preprocessing is not recorded in checkpoints: {error}")
 
     @classmethod
     def load_from_checkpoint(  # type: ignore[override]
@@ -405,6 +422,7 @@ class MAMLModule(pl.LightningModule):
         checkpoint[CHECKPOINT_KEY] = {
             **_identity(self.loss_fn, self.algorithm),
             "nonfinite_steps": self.nonfinite_steps,
+            "preprocessing": self.preprocessing,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -435,6 +453,7 @@ class MAMLModule(pl.LightningModule):
                 "loss=...)); where it records them as hyper-parameters they are rebuilt without"
             )
         self.nonfinite_steps = saved.get("nonfinite_steps", 0)
+        self.preprocessing = saved.get("preprocessing")
 
     def meta_forward(
         self, batch: Any, inner_steps: int | None = None, train: bool = True

@@ -7,9 +7,11 @@ from lightning_maml.datamodules.episodic import (
 )
 from lightning_maml.datamodules.few_shot import FewShotDataModule, read_labels
 from lightning_maml.datamodules.moabb import MOABBDataModule
+from lightning_maml.datamodules.recordings import EEGPreprocessing
 from lightning_maml.datamodules.sinusoid import SinusoidDataModule, sample_sinusoid_tasks
 
 __all__ = [
+    "EEGPreprocessing",
     "EpisodeSampler",
     "EpisodicDataModule",
     "EpisodicDataset",

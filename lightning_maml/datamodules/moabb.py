@@ -494,6 +494,49 @@ class MOABBDataModule(EpisodicDataModule):
             transform=self._episode_transform(split),
         )
 
+    def describe_preprocessing(self) -> dict[str, Any]:
+        """How this data module makes trials, as plain values
+        (:class:`~lightning_maml.datamodules.recordings.EEGPreprocessing`): a
+        :class:`~lightning_maml.MAMLModule` fitted on it keeps this in its checkpoints, so that a
+        new person's recordings can be prepared the same way. Reads one subject's epochs through
+        the paradigm for the channel names and sampling rate; call after ``setup``.
+
+        Raises:
+            ValueError: for a paradigm it cannot reproduce (a filter bank, a baseline).
+            RuntimeError: before ``setup``.
+        """
+        from lightning_maml.datamodules.recordings import EEGPreprocessing
+
+        if not self.data:
+            raise RuntimeError("call setup() first: the classes come from the loaded subjects")
+        paradigm, dataset = self.paradigm, self.dataset
+        filters = getattr(paradigm, "filters", [(None, None)])
+        if len(filters) != 1:
+            raise ValueError(f"a filter bank ({len(filters)} bands) cannot be described")
+        if getattr(paradigm, "baseline", None) is not None:
+            raise ValueError(f"a baseline correction ({paradigm.baseline}) cannot be described")
+        subject = next(s for split in ("train", "val", "test") for s in self.splits[split])
+        with _quiet_mne():
+            epochs, _, _ = paradigm.get_data(
+                dataset=dataset, subjects=[subject], return_epochs=True
+            )
+        start = dataset.interval[0]
+        tmax = dataset.interval[1] if paradigm.tmax is None else paradigm.tmax + start
+        fmin, fmax = filters[0]
+        return EEGPreprocessing(
+            channels=tuple(epochs.ch_names),
+            sampling_rate=float(epochs.info["sfreq"]),
+            n_samples=len(epochs.times),
+            fmin=None if fmin is None else float(fmin),
+            fmax=None if fmax is None else float(fmax),
+            tmin=float(paradigm.tmin + start),
+            tmax=float(tmax),
+            unit_factor=float(getattr(dataset, "unit_factor", 1e6)),
+            standardize=self.standardize,
+            alignment=self.alignment,
+            classes=tuple(self.classes),
+        ).as_dict()
+
     def _aligns_whole_subject(self, split: str) -> bool:
         # by all of a subject's trials: training subjects, and all subjects when transductive
         return self.alignment == "euclidean-transductive" or (
