@@ -311,3 +311,28 @@ def test_protomaml_refuses_a_support_set_without_one_of_its_classes():
     episodes = _eeg_episodes(1)
     with pytest.raises(ValueError, match=r"has none of classes \[2\] \(of the head's 3\)"):
         module.adapt(episodes.support_x[0], episodes.support_y[0])
+
+
+def test_saved_predictions_carry_their_targets_and_trials_so_they_score_alone(tmp_path):
+    from lightning_maml.callbacks import PredictionWriter
+    from lightning_maml.datamodules import EpisodicDataset
+
+    pl.seed_everything(0)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(60, 3, 32, generator=g), torch.arange(60) % 2
+    subjects = torch.arange(60) // 20  # three subjects of 20 trials
+    episodes = EpisodicDataset(x, y, subjects, n_way=2, k_shot=3, query_size=4,
+                               num_episodes=5, relabel=False)  # fmt: skip
+    module = MAMLModule(EEGNet(3, 32, 2, sampling_rate=16), loss="cross_entropy", inner_lr=0.1)
+    writer = PredictionWriter(tmp_path)
+    trainer = quiet_trainer(callbacks=[writer])
+    predictions = trainer.predict(module, DataLoader(episodes, batch_size=2))
+    saved = torch.load(tmp_path / "predictions.pt")
+    assert [p.shape for p in saved["query_y"]] == [(2, 8), (2, 8), (1, 8)]
+    for b, indices in enumerate(saved["batch_indices"]):
+        torch.testing.assert_close(saved["predictions"][b], predictions[b])
+        for t, episode in enumerate(indices):
+            trials = saved["query_trials"][b][t]
+            assert torch.equal(x[trials], episodes[episode].query_x)
+            assert torch.equal(y[trials], saved["query_y"][b][t])
+            assert saved["tasks"][b][t] == int(subjects[trials[0]])

@@ -134,11 +134,41 @@ class EpisodicDataset(Dataset):
         self.epoch = check_count(epoch, "epoch", minimum=0)
 
     def __getitem__(self, index: int) -> Episode:
+        support_idx, query_idx, support_y, query_y = self._draw(index)
+        episode = Episode(
+            self._read(support_idx),
+            torch.tensor(support_y),
+            self._read(query_idx),
+            torch.tensor(query_y),
+        )
+        return episode if self.transform is None else self.transform(episode)
+
+    def trial_indices(self, index: int) -> tuple[Tensor, Tensor]:
+        """The positions in ``x`` of episode ``index``'s support and query trials, in the order
+        the episode holds them (for scoring saved predictions against your own records).
+
+        Example::
+
+            >>> x, y = torch.randn(40, 3), torch.arange(40) % 4
+            >>> episodes = EpisodicDataset(x, y, torch.zeros(40), n_way=2, k_shot=1, query_size=2,
+            ...                            num_episodes=5)
+            >>> support, query = episodes.trial_indices(0)
+            >>> torch.equal(episodes[0].query_x, x[query])
+            True
+        """
+        support_idx, query_idx, _, _ = self._draw(index)
+        return support_idx, query_idx
+
+    def task_of(self, index: int) -> Any:
+        """The task (e.g. the subject) episode ``index`` is drawn from."""
+        return self.tasks[index % len(self.tasks)]
+
+    def _draw(self, index: int) -> tuple[Tensor, Tensor, list[int], list[int]]:
         if not 0 <= index < self.num_episodes:
             raise IndexError(f"episode {index} out of range({self.num_episodes})")
         key = [self.seed, index] if self.epoch == 0 else [self.seed, index, self.epoch]
         rng = np.random.default_rng(key)
-        pool = self.pools[self.tasks[index % len(self.tasks)]]
+        pool = self.pools[self.task_of(index)]
         classes = rng.choice(sorted(pool), size=self.n_way, replace=False)
         if not self.relabel:
             classes = np.sort(classes)
@@ -150,15 +180,12 @@ class EpisodicDataset(Dataset):
             query.append(picked[self.k_shot :])
             support_y += [label] * self.k_shot
             query_y += [label] * self.query_size
-        support_idx = torch.as_tensor(np.concatenate(support))
-        query_idx = torch.as_tensor(np.concatenate(query))
-        episode = Episode(
-            self._read(support_idx),
-            torch.tensor(support_y),
-            self._read(query_idx),
-            torch.tensor(query_y),
+        return (
+            torch.as_tensor(np.concatenate(support)),
+            torch.as_tensor(np.concatenate(query)),
+            support_y,
+            query_y,
         )
-        return episode if self.transform is None else self.transform(episode)
 
     def _read(self, indices: Tensor) -> Tensor:
         if isinstance(self.x, Tensor):
