@@ -4,6 +4,9 @@
   files skip themselves); the report header says so.
 - Tests never write into the checkout: every file outside the virtual environments, caches and
   ``.git`` is listed before and after the session, and a change fails the run.
+- Tests run on one torch intra-op thread, as do the processes they start: torch's default, one
+  per core, collapses when another process shares the cores (a busy machine: one test took 23 min
+  on the default threads, under 5 min on one).
 """
 
 from __future__ import annotations
@@ -12,6 +15,13 @@ import os
 from pathlib import Path
 
 import pytest
+
+# before torch is imported here, for the processes the tests start (subprocesses, DDP workers)
+os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 ROOT = Path(__file__).parent
 _EEG_MODULES = [
