@@ -448,7 +448,12 @@ class MOABBDataModule(EpisodicDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.data:
             return
-        loaded = {s: self.load_subject(s) for subjects in self.splits.values() for s in subjects}
+        from tqdm import tqdm
+
+        subjects = [s for split in self.splits.values() for s in split]
+        # a bar where a person watches (a terminal): loading through MNE takes seconds a subject
+        bar = tqdm(subjects, desc=f"loading {self.dataset.code}", unit="subject", disable=None)
+        loaded = {s: self.load_subject(s) for s in bar}
         self.classes = sorted({label for _, y in loaded.values() for label in y})
         index = {c: i for i, c in enumerate(self.classes)}
         for split, subjects in self.splits.items():
