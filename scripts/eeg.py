@@ -760,7 +760,8 @@ def main(args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     chosen, best = None, None
-    report: dict = {"args": vars(args)}
+    # the data folder is this machine's, not the result's: left out
+    report: dict = {"args": {k: v for k, v in vars(args).items() if k != "mne_data"}}
     if args.selection_subjects:
         selection = run_stage(
             folds_of(args.selection_subjects, args.selection_subjects, None),
