@@ -251,8 +251,8 @@ def test_a_calibrated_eegnet_classifies_one_trial_as_in_a_batch_and_reloads_in_a
         alone = torch.cat([calibrated(query[i : i + 1]) for i in range(len(query))])
         torch.testing.assert_close(alone, batch, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(layered.eval()(query), batch, rtol=1e-4, atol=1e-5)
-        with warnings.catch_warnings():  # sizes become constants: the network's are fixed
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        with warnings.catch_warnings():  # sizes become constants (the network's are fixed);
+            warnings.simplefilter("ignore")  # torch 2.13 deprecates tracing for torch.export
             traced = torch.jit.trace(calibrated, query[:1], check_trace=False)
         torch.testing.assert_close(traced(query), batch, rtol=1e-5, atol=1e-6)
         exported = torch.export.export(
