@@ -72,7 +72,7 @@ def trusted(path: str, kind: str) -> bool:
         >>> trusted("mse", "loss"), trusted("torch.nn.functional.l1_loss", "loss")
         (True, True)
     """
-    from lightning_maml.functional.algorithms import _REGISTRY
+    from lightning_maml.functional.algorithms.registry import _REGISTRY
     from lightning_maml.functional.losses import _LOSSES, _REGISTERED_LOSSES
     from lightning_maml.models import _NETWORKS
 

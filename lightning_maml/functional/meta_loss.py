@@ -21,12 +21,8 @@ from lightning_maml._checks import (
     check_vectorize,
 )
 from lightning_maml.episode import Episode
-from lightning_maml.functional.algorithms import (
-    LEARNED,
-    Algorithm,
-    resolve_algorithm,
-    task_meta_loss,
-)
+from lightning_maml.functional.algorithms import Algorithm, resolve_algorithm, task_meta_loss
+from lightning_maml.functional.algorithms.base import LEARNED
 from lightning_maml.functional.execution import (
     Executor,
     compute_dtype,
