@@ -164,6 +164,37 @@ def check_finite_trials(
             )
 
 
+def check_meta_optimizer(
+    optimizer: object, meta_lr: object, optimizers_given: bool
+) -> float | None:
+    """The default Adam's learning rate from ``meta_lr`` (``None``: 1e-3), or ``None`` where
+    ``optimizer`` (a callable ``params -> Optimizer``) or another module's optimizers
+    (``optimizers_given``) replace it; refuses settings that contradict each other.
+
+    Example::
+
+        >>> check_meta_optimizer(None, None, False), check_meta_optimizer(None, 3e-3, False)
+        (0.001, 0.003)
+    """
+    if optimizers_given:
+        if optimizer is not None or meta_lr is not None:
+            raise ValueError(
+                "`optimizers_from` gives the optimizers; leave `optimizer` and `meta_lr` out"
+            )
+        return 1e-3 if meta_lr is None else None
+    if optimizer is None:
+        return 1e-3 if meta_lr is None else check_inner_lr(meta_lr, "meta_lr", positive=True)
+    if not callable(optimizer):
+        raise TypeError(f"`optimizer` must be a callable params -> Optimizer, got {optimizer!r}")
+    if meta_lr is not None:
+        raise ValueError(
+            f"`meta_lr={meta_lr!r}` sets the learning rate of the default Adam, which "
+            "`optimizer` replaces: set the learning rate in `optimizer` (in a config, "
+            "model.optimizer.init_args.lr) or leave `optimizer` out"
+        )
+    return None
+
+
 def check_compile(value: object, name: str = "compile") -> str | None:
     """The :func:`torch.compile` mode that ``compile`` asks for (``None``: no compilation).
 

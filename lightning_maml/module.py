@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from copy import deepcopy
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -11,21 +10,33 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_warn
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from lightning_maml._checks import (
     check_checkpointing,
     check_compile,
-    check_episode,
-    check_finite_trials,
     check_inner_lr,
     check_inner_steps,
+    check_meta_optimizer,
     check_vectorize,
 )
-from lightning_maml._imports import import_by_path
+from lightning_maml._diagnosis import (
+    check_class_outputs,
+    check_optimizers_cover,
+    nonfinite_message,
+    report_nonfinite_tasks,
+)
 from lightning_maml._trust import check_checkpoint_names, read_hyperparameters
+from lightning_maml.calibration import BatchNormStatistics, calibrate
+from lightning_maml.checkpoints import (
+    CHECKPOINT_KEY,
+    build_network,
+    check_training_record,
+    describe_network,
+    describe_or_none,
+    training_record,
+)
 from lightning_maml.episode import Episode
 from lightning_maml.functional import (
     Algorithm,
@@ -38,20 +49,14 @@ from lightning_maml.functional import (
     resolve_loss,
     split_parameters,
 )
-from lightning_maml.functional.algorithms import TaskContext, describe_algorithm, split_prefixed
-from lightning_maml.functional.losses import cross_entropy_loss, describe_loss
+from lightning_maml.functional.algorithms import split_prefixed
+from lightning_maml.functional.losses import describe_loss
 from lightning_maml.functional.meta_loss import AlgorithmName, Vectorize
-from lightning_maml.functional.parameters import forward, task_batch_norm
-from lightning_maml.normalization import support_statistics
 
 #: the prefix of an algorithm's learned tensors in :meth:`MAMLModule.meta_parameters`
 ALGORITHM_PREFIX = "algorithm."
-#: the checkpoint entry that records what a checkpoint was trained with
-CHECKPOINT_KEY = "lightning_maml"
 
 OnNonFinite = Literal["raise", "skip"]
-#: how a calibrated network's BatchNorm layers normalise (:meth:`MAMLModule.adapt`)
-BatchNormStatistics = Literal["support", "batch"]
 
 #: the progress bar's short names of the logged values (loggers get ``{stage}/<name>``)
 BAR_NAMES = {"query_loss_before": "before", "query_loss_after": "after", "query_acc_after": "acc"}
@@ -77,60 +82,6 @@ def as_episode(batch: Any) -> Episode:
         "a batch must be an Episode, a (support_x, support_y, query_x, query_y) sequence or a "
         f"mapping with those keys, got {type(batch).__name__}"
     )
-
-
-def _description(algorithm: Algorithm) -> dict[str, Any] | None:
-    try:
-        return describe_algorithm(algorithm)
-    except TypeError:
-        return None
-
-
-def _identity(loss_fn: Callable, algorithm: Algorithm) -> dict[str, Any]:
-    # what a checkpoint records of the loss and the algorithm, to refuse a module rebuilt otherwise
-    cls = type(algorithm)
-    name = getattr(loss_fn, "__qualname__", type(loss_fn).__qualname__)
-    return {
-        "loss": describe_loss(loss_fn) or f"{getattr(loss_fn, '__module__', '')}.{name}",
-        "algorithm": _description(algorithm)
-        or {"class_path": f"{cls.__module__}.{cls.__qualname__}", "repr": algorithm.extra_repr()},
-    }
-
-
-def _as_call(description: Mapping[str, Any]) -> str:
-    """``ANIL(head=['fc.*'], first_order=True)`` from a description of :func:`_identity`."""
-    name = description["class_path"].rpartition(".")[2]
-    if "init_args" not in description:
-        return f"{name}({description['repr']})"
-    return f"{name}({', '.join(f'{k}={v!r}' for k, v in description['init_args'].items())})"
-
-
-def describe_network(net: nn.Module) -> dict[str, Any] | None:
-    """The class path and arguments that rebuild ``net`` (:func:`build_network`), for a network
-    that records them as ``init_args`` (this library's models do) and whose class imports by its
-    path; ``None`` otherwise.
-
-    Example::
-
-        >>> from lightning_maml.models import MLP
-        >>> describe_network(MLP(hidden=[8]))
-        {'class_path': 'lightning_maml.models.mlp.MLP', 'init_args': {'in_features': 1, 'hidden': [8], 'out_features': 1}}
-    """  # noqa: E501
-    cls, args = type(net), getattr(net, "init_args", None)
-    path = f"{cls.__module__}.{cls.__qualname__}"
-    if not isinstance(args, Mapping) or "<" in path or import_by_path(path) is not cls:
-        return None
-    return {"class_path": path, "init_args": dict(args)}
-
-
-def build_network(description: Mapping[str, Any]) -> nn.Module:
-    """The network a :func:`describe_network` description (or a LightningCLI config) gives."""
-    cls = import_by_path(str(description.get("class_path")))
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise TypeError(
-            f"`net` {dict(description)!r} does not name an nn.Module class by its import path"
-        )
-    return cls(**dict(description.get("init_args") or {}))
 
 
 class MAMLModule(pl.LightningModule):
@@ -287,32 +238,11 @@ class MAMLModule(pl.LightningModule):
         check_vectorize(vectorize)
         if on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"`on_nonfinite` must be 'raise' or 'skip', got {on_nonfinite!r}")
-        if optimizers_from is not None:
-            if not isinstance(optimizers_from, pl.LightningModule):
-                raise TypeError(
-                    "`optimizers_from` must be a LightningModule, got "
-                    f"{type(optimizers_from).__name__}"
-                )
-            if optimizer is not None or meta_lr is not None:
-                raise ValueError(
-                    "`optimizers_from` gives the optimizers; leave `optimizer` and `meta_lr` out"
-                )
-        if optimizer is None:
-            self.meta_lr = (
-                1e-3 if meta_lr is None else check_inner_lr(meta_lr, "meta_lr", positive=True)
-            )
-        elif not callable(optimizer):
+        if optimizers_from is not None and not isinstance(optimizers_from, pl.LightningModule):
             raise TypeError(
-                f"`optimizer` must be a callable params -> Optimizer, got {optimizer!r}"
+                f"`optimizers_from` must be a LightningModule, got {type(optimizers_from).__name__}"
             )
-        elif meta_lr is not None:
-            raise ValueError(
-                f"`meta_lr={meta_lr!r}` sets the learning rate of the default Adam, which "
-                "`optimizer` replaces: set the learning rate in `optimizer` (in a config, "
-                "model.optimizer.init_args.lr) or leave `optimizer` out"
-            )
-        else:
-            self.meta_lr = None
+        self.meta_lr = check_meta_optimizer(optimizer, meta_lr, optimizers_from is not None)
         self.vectorize = vectorize
         self.optimizer = optimizer
         self.track_initial_loss = track_initial_loss
@@ -331,7 +261,7 @@ class MAMLModule(pl.LightningModule):
         # (a name, an import path, a class path with its arguments); where not, they are left
         # out and on_load_checkpoint refuses a module built otherwise than the one trained
         loss = describe_loss(loss)
-        algorithm = algorithm if isinstance(algorithm, str) else _description(algorithm_object)
+        algorithm = algorithm if isinstance(algorithm, str) else describe_or_none(algorithm_object)
         network, net = net, describe_network(net)
         ignore = ["optimizer", "optimizers_from"]
         described = (("loss", loss), ("algorithm", algorithm), ("net", net))
@@ -368,20 +298,8 @@ class MAMLModule(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         self._record_preprocessing()
-        if self.optimizers_from is None:
-            return
-        optimized = {
-            id(p) for o in self.trainer.optimizers for g in o.param_groups for p in g["params"]
-        }
-        meta = self.meta_parameters()
-        missing = [n for n, p in meta.items() if id(p) not in optimized]
-        foreign = len(optimized - {id(p) for p in meta.values()})
-        if missing or foreign:
-            raise MisconfigurationException(
-                f"the optimizers of {type(self.optimizers_from).__name__}.configure_optimizers "
-                f"must cover exactly the meta-parameters: missing {missing}, and {foreign} "
-                "tensors that are not meta-parameters"
-            )
+        if self.optimizers_from is not None:
+            check_optimizers_cover(self)
 
     def _record_preprocessing(self) -> None:
         """Keep how the data module makes its trials (``describe_preprocessing``, e.g.
@@ -420,38 +338,13 @@ class MAMLModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = {
-            **_identity(self.loss_fn, self.algorithm),
+            **training_record(self.loss_fn, self.algorithm),
             "nonfinite_steps": self.nonfinite_steps,
             "preprocessing": self.preprocessing,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        saved = checkpoint.get(CHECKPOINT_KEY)
-        if not isinstance(saved, Mapping) or not {"loss", "algorithm"} <= set(saved):
-            raise ValueError(
-                f"this checkpoint has no {CHECKPOINT_KEY!r} entry recording the loss and the "
-                "algorithm it was trained with (every checkpoint of a MAMLModule has one): it was "
-                "not written by this library or was altered, and was refused"
-            )
-        mine = _identity(self.loss_fn, self.algorithm)
-        problems = []
-        if saved["algorithm"] != mine["algorithm"]:
-            problems.append(
-                f"algorithm {_as_call(saved['algorithm'])} (this module has "
-                f"{_as_call(mine['algorithm'])}): pass algorithm={_as_call(saved['algorithm'])}"
-            )
-        if saved["loss"] != mine["loss"]:
-            problems.append(
-                f"loss {saved['loss']} (this module has {mine['loss']}): pass that function "
-                "as loss="
-            )
-        if problems:
-            raise ValueError(
-                "this checkpoint was trained with "
-                + "; and with ".join(problems)
-                + " (e.g. MAMLModule.load_from_checkpoint(path, net=..., algorithm=..., "
-                "loss=...)); where it records them as hyper-parameters they are rebuilt without"
-            )
+        saved = check_training_record(checkpoint, training_record(self.loss_fn, self.algorithm))
         self.nonfinite_steps = saved.get("nonfinite_steps", 0)
         self.preprocessing = saved.get("preprocessing")
 
@@ -509,35 +402,7 @@ class MAMLModule(pl.LightningModule):
         return self.meta_forward(batch).loss
 
     def _check_classes(self, episode: Episode) -> None:
-        """Once: a classifier's output must have a logit for every class of the episodes (the
-        data module's ``n_way``, and every label seen), checked before the engine would fail
-        with torch's 'Target ... is out of bounds'."""
-        if self._classes_checked or episode.support_y.is_floating_point():
-            return
-        self._classes_checked = True
-        if self.loss_fn is not cross_entropy_loss:
-            return
-        params, constants = split_parameters(self.net)
-        with torch.no_grad(), task_batch_norm(self.net):
-            logits = forward(self.net, params, constants, episode.support_x[0])
-        outputs = logits.shape[1] if logits.dim() > 1 else 0
-        labels = int(max(episode.support_y.max(), episode.query_y.max())) + 1
-        datamodule = getattr(self.trainer, "datamodule", None)
-        n_way = getattr(datamodule, "n_way", None)
-        relabels = getattr(datamodule, "relabel", True)
-        if outputs < labels or (n_way is not None and relabels and outputs < n_way):
-            raise ValueError(
-                f"{type(self.net).__name__} outputs {outputs} class logits (output shape "
-                f"{tuple(logits.shape)} for {episode.support_x.shape[1]} support examples), but "
-                + (f"the episodes are n_way={n_way}-way and " if n_way is not None else "")
-                + f"hold labels up to {labels - 1}: give the network one output per class"
-            )
-        if n_way is not None and relabels and outputs > n_way:
-            rank_zero_warn(
-                f"{type(self.net).__name__} outputs {outputs} class logits but the episodes are "
-                f"n_way={n_way}-way (labels 0..{n_way - 1}): the other {outputs - n_way} outputs "
-                "are never a target"
-            )
+        check_class_outputs(self, episode)
 
     def _metric_values(self, out: MetaLossOutput, batch: Episode) -> dict[str, Tensor]:
         return episode_metrics(out, batch.query_y, self.classification)
@@ -591,7 +456,7 @@ class MAMLModule(pl.LightningModule):
             finite = not self.trainer.strategy.reduce_boolean_decision(not finite, all=False)
         if finite:
             return
-        message = self._nonfinite_message(params, scaled)
+        message = nonfinite_message(self, params, scaled)
         if self.on_nonfinite == "raise":
             raise FloatingPointError(message)
         for p in params:  # an optimizer leaves a parameter without a gradient untouched
@@ -601,69 +466,6 @@ class MAMLModule(pl.LightningModule):
         rank_zero_warn(f"{message}; skipped (on_nonfinite='skip')")
         if not self.trainer.barebones:
             self.log("train/nonfinite_steps", float(self.nonfinite_steps), on_step=True)
-
-    def _nonfinite_message(self, params: Sequence[Tensor], scaled: bool) -> str:
-        episode, batch_idx = self._last_step
-        out = self.last_meta_output
-        names = {id(p): n for n, p in self.meta_parameters().items()}
-        bad_grads = [
-            names.get(id(p), "?")
-            for p in params
-            if p.grad is not None and not scaled and not bool(torch.isfinite(p.grad).all())
-        ]
-        rank = f", rank {self.trainer.global_rank}" if self.trainer.world_size > 1 else ""
-        where = (
-            f"training step {self.trainer.global_step} (epoch {self.current_epoch}, batch "
-            f"{batch_idx}{rank})"
-        )
-        parts = [f"meta-loss {out.loss.item():.4g}"]
-        if bad_grads:
-            parts.append(f"non-finite meta-gradient in {bad_grads}")
-        lines = [f"non-finite values at {where}: {', '.join(parts)}"]
-        tasks = (~torch.isfinite(out.query_losses)).nonzero().flatten().tolist()
-        data = {
-            field: (~torch.isfinite(t)).flatten(1).any(1).nonzero().flatten().tolist()
-            for field, t in zip(Episode._fields, episode)
-            if t.is_floating_point()
-        }
-        data = {field: ts for field, ts in data.items() if ts}
-        if data:
-            listed = "; ".join(f"{field} of tasks {ts}" for field, ts in data.items())
-            lines.append(f"the data hold NaN or inf: {listed}")
-        if tasks:
-            lines.append(
-                f"tasks {tasks} of the batch have a non-finite query loss after adaptation"
-            )
-            before = out.initial_query_losses
-            diverged = [
-                t
-                for t in tasks
-                if not any(t in ts for ts in data.values())
-                and (before is None or bool(torch.isfinite(before[t])))
-            ]
-            if diverged:
-                rates = [t.detach() for t in self.algorithm.learned().values()]
-                learned = (
-                    f", learned step sizes from {min(float(r.min()) for r in rates):.3g} to "
-                    f"{max(float(r.max()) for r in rates):.3g}"
-                    if rates
-                    else ""
-                )
-                lines.append(
-                    f"the adaptation of tasks {diverged} diverged from finite data and a finite "
-                    f"initial loss (inner_lr={self.inner_lr}, inner_steps={self.inner_steps}"
-                    f"{learned}): smaller step sizes or fewer inner steps"
-                )
-        elif not data:
-            lines.append(
-                "every task of this batch has finite data and a finite query loss: the non-finite "
-                "values arose in the backward pass through the adaptation"
-                + (" or on another rank" if self.trainer.world_size > 1 else "")
-            )
-            if self.algorithm.nonfinite_note:
-                lines.append(self.algorithm.nonfinite_note)
-        lines.append("nothing of this step was applied to the parameters")
-        return "; ".join(lines)
 
     def on_train_epoch_end(self) -> None:
         for name, (total, count) in self._train_totals.items():
@@ -703,22 +505,11 @@ class MAMLModule(pl.LightningModule):
                     on_epoch=True, prog_bar=True, logger=False, batch_size=value.numel(),
                 )  # fmt: skip
 
-    def _report_nonfinite(self, stage: str) -> None:
-        count, total = self._nonfinite_counts.pop(stage, (0, 0))
-        if count:
-            rank_zero_warn(
-                f"{count} of {total} {'validation' if stage == 'val' else stage} tasks ended with "
-                f"a non-finite query loss or predictions after adaptation (data with NaN or inf, "
-                f"or an adaptation that diverged: inner_lr={self.inner_lr}, eval_inner_steps="
-                f"{self.eval_inner_steps}): left out of the {stage}/query_loss_* means, counted as "
-                f"wrong in {stage}/query_acc_after, and counted in {stage}/nonfinite_tasks"
-            )
-
     def on_validation_epoch_end(self) -> None:
-        self._report_nonfinite("val")
+        report_nonfinite_tasks(self, "val")
 
     def on_test_epoch_end(self) -> None:
-        self._report_nonfinite("test")
+        report_nonfinite_tasks(self, "test")
 
     def _evaluate(self, batch: Any, stage: str) -> None:
         # Lightning evaluates under inference mode; the inner loop needs autograd, and inference
@@ -772,71 +563,7 @@ class MAMLModule(pl.LightningModule):
             >>> calibrated(x).shape, calibrated.training
             (torch.Size([10, 1]), False)
         """
-        steps = self.eval_inner_steps if steps is None else check_inner_steps(steps, "steps")
-        if batch_norm not in ("support", "batch"):
-            raise ValueError(f"`batch_norm` must be 'support' or 'batch', got {batch_norm!r}")
-        with torch.inference_mode(False):  # ordinary tensors, also when called under it
-            support_x, support_y = (
-                t.clone() if t.is_inference() else t for t in (support_x, support_y)
-            )
-            # one task, its support set standing in for the query set: the episode's checks
-            check_episode(support_x[None], support_y[None], support_x[None], support_y[None])
-            check_finite_trials(support_x, support_y)
-            self.algorithm.check_support(split_parameters(self.net)[0], support_y)
-            calibrated = self._adapted_copy(support_x, support_y, steps)
-            if batch_norm == "support":
-                support_statistics(calibrated, support_x)
-            else:
-                for module in calibrated.modules():
-                    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                        module.track_running_stats = False
-                        module.running_mean = module.running_var = None
-                        module.num_batches_tracked = None
-            calibrated.eval()
-            with torch.no_grad():
-                outputs = calibrated(support_x)
-            self._check_calibrated(calibrated, outputs, steps)
-        return calibrated
-
-    def _adapted_copy(self, support_x: Tensor, support_y: Tensor, steps: int) -> nn.Module:
-        params, constants = split_parameters(self.net)
-        params = {name: p.detach() for name, p in params.items()}
-        learned = {name: t.detach() for name, t in self.algorithm.learned().items()}
-        training = self.net.training
-        self.net.eval()  # adapted as in validation and test: no dropout
-        try:
-            with torch.enable_grad(), task_batch_norm(self.net):
-                context = TaskContext(self.net, self.loss_fn, constants, self.inner_lr, steps)
-                adapted = self.algorithm.adapt_values(
-                    context, params, learned, support_x, support_y
-                )
-        finally:
-            self.net.train(training)
-        calibrated = deepcopy(self.net)
-        with torch.no_grad():
-            for name, p in calibrated.named_parameters():
-                if name in adapted:
-                    p.copy_(adapted[name].detach())
-        return calibrated
-
-    def _check_calibrated(self, calibrated: nn.Module, outputs: Tensor, steps: int) -> None:
-        """A calibrated network of non-finite parameters or outputs is refused, not returned."""
-        bad = [n for n, p in calibrated.named_parameters() if not bool(torch.isfinite(p).all())]
-        if not bad and bool(torch.isfinite(outputs).all()):
-            return
-        rates = [t.detach() for t in self.algorithm.learned().values()]
-        learned = (
-            f", learned step sizes from {min(float(r.min()) for r in rates):.3g} to "
-            f"{max(float(r.max()) for r in rates):.3g}"
-            if rates
-            else ""
-        )
-        what = f"parameters {bad}" if bad else "outputs on the calibration trials"
-        raise ValueError(
-            f"the calibration diverged: its {what} are not finite after {steps} steps with "
-            f"inner_lr={self.inner_lr}{learned} from finite trials: pass fewer `steps` or build "
-            "the module with a smaller inner_lr"
-        )
+        return calibrate(self, support_x, support_y, steps, batch_norm)
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         """The query predictions of every episode of ``batch`` (``[tasks, queries, ...]``, the
