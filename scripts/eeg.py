@@ -21,6 +21,8 @@ alignment estimate or a fit, except where a method is labelled *transductive*. M
   linear output layer (its prototype initialisation assumes one; the paper's is max-norm bound);
 - ``joint``: the same network trained on the same episodes without an inner loop, fine-tuned like
   MAML; ``scratch``: a new EEGNet trained on the support set alone;
+- ``ensemble``: MAML's calibrated network and TS+LR + K (below) on the same episode, their class
+  probabilities averaged with weights fixed in advance (1/2 each); MAML's trained network reused;
 - ``csp-lda``: MNE's CSP (4 components, Ledoit-Wolf) + LDA on the training subjects (zero-shot),
   and refitted with the support trials added (+ K);
 - ``ts-lr``: covariances (OAS), each subject recentred to the identity by its own Riemannian mean,
@@ -29,7 +31,10 @@ alignment estimate or a fit, except where a method is labelled *transductive*. M
   included); + K: recentred by its support trials and refitted with them added.
 
 Network methods can align the trials (``alignment``: Euclidean alignment, training subjects by their
-own trials, a test subject's episode by its support trials alone).
+own trials, a test subject's episode by its support trials alone). A network method's score
+classifies each query trial alone: the network ``MAMLModule.adapt`` calibrates on the support set,
+its BatchNorm normalising with the support trials' statistics, as an online BCI classifies trials
+as they come; its rows "... (query batch)" score as before, the query trials normalised together.
 
 Hyper-parameters: with ``--selection-subjects`` (default 1-9), every candidate of the grid (each
 network method's ``alignment`` and ``eval_steps``) is scored leave-one-subject-out *within* those
@@ -63,7 +68,10 @@ import warnings
 from pathlib import Path
 
 FAMILY = ("maml", "fomaml", "anil", "metasgd", "imaml", "protomaml")
-NETWORKS = (*FAMILY, "joint", "scratch")
+#: MAML's calibrated network and TS+LR + K, their class probabilities averaged (weights fixed
+#: in advance, 1/2 each): the network the ``maml`` method trained, reused
+ENSEMBLES = ("ensemble",)
+NETWORKS = (*FAMILY, "joint", "scratch", *ENSEMBLES)
 CLASSICAL = ("csp-lda", "ts-lr")
 
 
@@ -248,8 +256,9 @@ from lightning_maml.models import EEGNet  # noqa: E402
 
 #: bump when what a stored fold holds changes meaning (2: a meta-step with a non-finite
 #: meta-gradient, e.g. iMAML's where a task's regularised problem is not convex, is skipped and
-#: counted in the rows' ``skipped_steps``)
-RESULTS_FORMAT = 2
+#: counted in the rows' ``skipped_steps``; 3: a network method's rows score each query trial
+#: alone, BatchNorm from the support trials, and its former scoring is the "(query batch)" rows)
+RESULTS_FORMAT = 3
 NAMES = {
     "maml": "MAML",
     "fomaml": "first-order MAML",
@@ -259,7 +268,10 @@ NAMES = {
     "protomaml": "ProtoMAML",
     "joint": "joint + fine-tuning",
     "scratch": "scratch",
+    "ensemble": "MAML & TS+LR + K",
 }
+#: the rows of a network method scored as before: its query trials normalised as one batch
+BATCH_SCORED = " (query batch)"
 CLASSICAL_ROWS = {
     "csp-lda": ["CSP+LDA zero-shot", "CSP+LDA + K"],
     "ts-lr": ["TS+LR zero-shot", "TS+LR zero-shot (transductive)", "TS+LR + K"],
@@ -398,6 +410,32 @@ def adapted_accuracies(
     return results
 
 
+def single_trial_probabilities(module: MAMLModule, batch: Episode, steps: int) -> list:
+    """Per episode, the query trials' class probabilities from the network ``MAMLModule.adapt``
+    calibrates on the support set (its inner rule, ``steps`` steps): BatchNorm normalises with the
+    support trials' statistics, so each query trial is classified alone, as an online BCI does.
+    An episode whose calibration diverges gets NaN probabilities (scored wrong), with a warning."""
+    probabilities = []
+    for e in range(len(batch.support_x)):
+        try:
+            calibrated = module.adapt(batch.support_x[e], batch.support_y[e], steps=steps)
+        except ValueError as error:
+            if "diverged" not in str(error):
+                raise
+            warnings.warn(f"episode {e}: {error}; scored as wrong", stacklevel=2)
+            shape = (len(batch.query_y[e]), int(batch.support_y.max()) + 1)
+            probabilities.append(torch.full(shape, float("nan")))
+            continue
+        with torch.no_grad():
+            probabilities.append(torch.softmax(calibrated(batch.query_x[e]), dim=1))
+    return probabilities
+
+
+def probability_accuracies(probabilities: list, batch: Episode) -> list[float]:
+    """Query accuracy per episode of class probabilities (NaN ones wrong)."""
+    return [float(query_correct(p, y).float().mean()) for p, y in zip(probabilities, batch.query_y)]
+
+
 # ---- classical pipelines --------------------------------------------------------------------
 
 
@@ -433,11 +471,7 @@ def classical_rows(method: str, fold: dict, raw: dict, k: int, episodes: list) -
             model = csp_lda().fit(np.concatenate([train_x, x[s]]), np.concatenate([train_y, y[s]]))
             refitted.append(float((model.predict(x[q]) == y[q]).mean()))
         return {"CSP+LDA zero-shot": scores(zero_shot, x, y), "CSP+LDA + K": refitted}
-    estimator = Covariances(estimator="oas")
-    train_c = np.concatenate(
-        [recentred(c, c) for c in (estimator.transform(raw[s][0]) for s in fold["train"])]
-    )
-    covariances = estimator.transform(x)
+    train_c, train_y, covariances, y = tangent_space_data(fold, raw)
     zero_shot = tangent_lr().fit(train_c, train_y)
     calibrated = []
     for s, q in episodes:
@@ -448,6 +482,18 @@ def classical_rows(method: str, fold: dict, raw: dict, k: int, episodes: list) -
         "TS+LR zero-shot (transductive)": scores(zero_shot, recentred(covariances, covariances), y),
         "TS+LR + K": calibrated,
     }
+
+
+def tangent_space_data(fold: dict, raw: dict) -> tuple:
+    """``(training covariances, each subject recentred by its own mean; their labels; the test
+    subject's covariances, not recentred; its labels)`` for the tangent-space pipelines."""
+    estimator = Covariances(estimator="oas")
+    train_c = np.concatenate(
+        [recentred(c, c) for c in (estimator.transform(raw[s][0]) for s in fold["train"])]
+    )
+    train_y = np.concatenate([raw[s][1] for s in fold["train"]])
+    x, y = raw[fold["test"]]
+    return train_c, train_y, estimator.transform(x), y
 
 
 def ts_lr_calibrated(train_c, train_y, covariances, y, support) -> tuple:
@@ -503,17 +549,38 @@ def _described(method: str, args: argparse.Namespace) -> dict:
     return describe_algorithm(family_algorithm(method, args))
 
 
+def _raw(fold: dict, args, cache: dict) -> dict:
+    """The fold's subjects' band-passed trials and string labels (classical pipelines)."""
+    raw = cache.setdefault("raw", {})
+    data = cache.get("none") or cache.setdefault(
+        "none", make_data(fold["train"], [fold["test"]], "none", args)
+    )
+    for s in {*fold["train"], fold["test"]} - set(raw):
+        x, labels = data.load_subject(s)
+        raw[s] = (x.astype(np.float64), labels)
+    return raw
+
+
+def _network(method: str, alignment: str, data: MOABBDataModule, fold: dict, args, cache):
+    """The fold's trained network of ``method`` (the ensemble's is MAML's), trained once."""
+    trained = "maml" if method in ENSEMBLES else method
+    key = f"network:{trained}:{alignment}"
+    if key not in cache:
+        if trained == "scratch":
+            pl.seed_everything(args.seed + fold["test"], verbose=False)
+            x = data.data["train"][0]
+            net = EEGNet(x.shape[1], x.shape[2], len(data.classes), sampling_rate=80)
+            cache[key] = MAMLModule(net, loss="cross_entropy", inner_lr=args.scratch_lr).eval()
+        else:
+            cache[key] = train_network(data, trained, args)
+    return cache[key]
+
+
 def run_method(fold: dict, method: str, settings: list[dict], args, cache: dict) -> list[dict]:
     """Rows ``{method, setting, K, subject, accuracies}`` of one method on one fold."""
     rows = []
     if method in CLASSICAL:
-        raw = cache.setdefault("raw", {})
-        data = cache.get("none") or cache.setdefault(
-            "none", make_data(fold["train"], [fold["test"]], "none", args)
-        )
-        for s in {*fold["train"], fold["test"]} - set(raw):
-            x, labels = data.load_subject(s)
-            raw[s] = (x.astype(np.float64), labels)
+        raw = _raw(fold, args, cache)
         for k in args.k_shots:
             episodes = held_out_episodes(raw[fold["test"]][1], k, fold["test"], args)
             for name, accuracies in classical_rows(method, fold, raw, k, episodes).items():
@@ -523,29 +590,34 @@ def run_method(fold: dict, method: str, settings: list[dict], args, cache: dict)
         data = cache.get(alignment) or cache.setdefault(
             alignment, make_data(fold["train"], [fold["test"]], alignment, args)
         )
-        if method == "scratch":
-            pl.seed_everything(args.seed + fold["test"], verbose=False)
-            x = data.data["train"][0]
-            net = EEGNet(x.shape[1], x.shape[2], len(data.classes), sampling_rate=80)
-            module = MAMLModule(net, loss="cross_entropy").eval()
-        else:
-            module = train_network(data, method, args)
+        module = _network(method, alignment, data, fold, args, cache)
+        if method in ENSEMBLES:
+            tangent = tangent_space_data(fold, _raw(fold, args, cache))
         x, y, _ = data.data["test"]
         for k in args.k_shots:
             episodes = held_out_episodes(y.numpy(), k, fold["test"], args)
             batch = episode_batch(x, y, episodes, align=alignment == "euclidean")
             for setting in (s for s in settings if s["alignment"] == alignment):
-                lr = args.scratch_lr if method == "scratch" else None
-                accuracies = adapted_accuracies(module, batch, setting["eval_steps"], lr)
-                rows.append(
-                    {
-                        "method": NAMES[method],
-                        "setting": setting,
-                        "K": k,
-                        "accuracies": accuracies,
-                        "skipped_steps": module.nonfinite_steps,
-                    }
-                )
+                steps = setting["eval_steps"]
+                probabilities = single_trial_probabilities(module, batch, steps)
+                scored = {NAMES[method]: probabilities}
+                if method in ENSEMBLES:  # TS+LR + K's probabilities on the same episodes
+                    train_c, train_y, covariances, labels = tangent
+                    for e, (support, query) in enumerate(episodes):
+                        model, mine = ts_lr_calibrated(
+                            train_c, train_y, covariances, labels, support
+                        )
+                        other = torch.as_tensor(model.predict_proba(mine[query]))
+                        probabilities[e] = (probabilities[e] + other.to(probabilities[e])) / 2
+                for name, p in scored.items():
+                    rows.append({"method": name, "setting": setting, "K": k,
+                                 "accuracies": probability_accuracies(p, batch),
+                                 "skipped_steps": module.nonfinite_steps})  # fmt: skip
+                if method not in ENSEMBLES:  # the former scoring, labelled
+                    lr = args.scratch_lr if method == "scratch" else None
+                    rows.append({"method": NAMES[method] + BATCH_SCORED, "setting": setting,
+                                 "K": k, "accuracies": adapted_accuracies(module, batch, steps, lr),
+                                 "skipped_steps": module.nonfinite_steps})  # fmt: skip
     return rows
 
 
@@ -594,7 +666,10 @@ def folds_of(test_subjects: list[int], pool: list[int], fixed_train: list[int] |
 
 
 #: where a network method not scored in selection takes its settings from
-INHERIT = {"fomaml": "maml", "anil": "maml", "metasgd": "maml", "joint": "maml", "scratch": "joint"}
+INHERIT = {
+    "fomaml": "maml", "anil": "maml", "metasgd": "maml", "joint": "maml", "scratch": "joint",
+    "ensemble": "maml",
+}  # fmt: skip
 
 
 def choose(rows: list[dict], args: argparse.Namespace) -> tuple[dict, str]:

@@ -27,7 +27,7 @@ def mne_data(tmp_path_factory):
     return folder
 
 
-def _run(mne_data, out, *extra, methods="maml,joint,csp-lda,ts-lr", selection="1,2"):
+def _run(mne_data, out, *extra, methods="maml,joint,ensemble,csp-lda,ts-lr", selection="1,2"):
     command = [
         sys.executable, str(ROOT / "scripts" / "eeg.py"), "--mne-data", str(mne_data),
         "--subjects", "1-3", "--selection-subjects", selection, "--test-subjects", "3",
@@ -46,17 +46,18 @@ def test_the_script_end_to_end_and_resumed_after_a_killed_fold(mne_data, tmp_pat
     report = json.loads((out / "results.json").read_text())
     assert "mne_data" not in report["args"]  # this machine's folder is no part of the result
     assert report["best_family_method"] == "maml"
-    assert set(report["chosen"]) == {"maml", "joint"}
+    assert set(report["chosen"]) == {"maml", "joint", "ensemble"}
     methods = {s["method"] for s in report["summary"]}
     assert methods == {
-        "MAML", "joint + fine-tuning", "CSP+LDA zero-shot", "CSP+LDA + K",
+        "MAML", "MAML (query batch)", "joint + fine-tuning", "joint + fine-tuning (query batch)",
+        "MAML & TS+LR + K", "CSP+LDA zero-shot", "CSP+LDA + K",
         "TS+LR zero-shot", "TS+LR zero-shot (transductive)", "TS+LR + K",
     }  # fmt: skip
     assert all(s["subjects"] == [3] for s in report["summary"])
     assert "n/a (1 subject)" in first.stdout
     assert (out / "eeg_accuracy.png").exists() and (out / "eeg_subjects.png").exists()
     stored = {p: p.stat().st_mtime_ns for p in (out / "folds").glob("*.json")}
-    assert len(stored) == 2 * 2 + 4  # selection: 2 folds x 2 network methods; test: 1 fold x 4
+    assert len(stored) == 2 * 3 + 5  # selection: 2 folds x 3 network methods; test: 1 fold x 5
     killed = next(p for p in stored if json.loads(p.read_text())["method"] == "maml")
     killed.unlink()  # as if the run had been killed before this fold's maml finished
     _run(mne_data, out)
@@ -69,12 +70,13 @@ def test_the_script_end_to_end_and_resumed_after_a_killed_fold(mne_data, tmp_pat
     _run(mne_data, merged, "--merge", str(out / "results.json"), "--reference", "maml",
          methods="scratch", selection="")  # fmt: skip
     joined = json.loads((merged / "results.json").read_text())
-    assert {s["method"] for s in joined["summary"]} == methods | {"scratch"}
+    scratch = {"scratch", "scratch (query batch)"}
+    assert {s["method"] for s in joined["summary"]} == methods | scratch
     earlier = {(s["method"], s["K"]): s["accuracy"] for s in report["summary"]}
     for s in joined["summary"]:
-        if s["method"] != "scratch":
+        if s["method"] not in scratch:
             assert s["accuracy"] == earlier[(s["method"], s["K"])]
-    assert {d["versus"] for d in joined["differences"]} == methods - {"MAML"} | {"scratch"}
+    assert {d["versus"] for d in joined["differences"]} == methods - {"MAML"} | scratch
     with pytest.raises(subprocess.CalledProcessError) as refused:  # MAML twice: refused
         _run(mne_data, tmp_path / "twice", "--merge", str(out / "results.json"), methods="maml")
     assert "already holds ['maml']" in refused.value.stderr
@@ -124,3 +126,25 @@ def test_subject_lists_are_checked_when_parsed_naming_the_option(arguments, mess
     done = subprocess.run(command, capture_output=True, text=True)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert re.search(message, done.stderr), done.stderr
+
+
+def test_the_primary_score_classifies_each_query_trial_alone():
+    # a query trial's class probabilities do not change when the other query trials do: the
+    # calibrated network's BatchNorm takes its statistics from the support trials
+    from lightning_maml import MAMLModule
+    from lightning_maml.models import EEGNet
+
+    eeg = _script()
+    torch.manual_seed(0)
+    module = MAMLModule(EEGNet(4, 64, 2, sampling_rate=32), loss="cross_entropy", inner_lr=0.1)
+    x = torch.randn(20, 4, 64)
+    y = torch.arange(2).repeat(10)
+    episodes = [(np.array([0, 1, 2, 3]), np.arange(4, 20))]
+    poisoned = x.clone()
+    poisoned[5:] = 30 * torch.randn_like(poisoned[5:])  # every query trial but the first
+    clean = eeg.single_trial_probabilities(module, eeg.episode_batch(x, y, episodes, False), 3)
+    other = eeg.single_trial_probabilities(
+        module, eeg.episode_batch(poisoned, y, episodes, False), 3
+    )
+    torch.testing.assert_close(clean[0][0], other[0][0])
+    assert not torch.allclose(clean[0][1:], other[0][1:])  # the others did change
