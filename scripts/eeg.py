@@ -455,7 +455,9 @@ def tangent_lr():
     return make_pipeline(TangentSpace(metric="riemann"), LogisticRegression(max_iter=1000))
 
 
-def classical_rows(method: str, fold: dict, raw: dict, k: int, episodes: list) -> dict:
+def classical_rows(
+    method: str, fold: dict, raw: dict, k: int, episodes: list, cache: dict | None = None
+) -> dict:
     """Query accuracies per episode of each row of a classical method."""
     train_x = np.concatenate([raw[s][0] for s in fold["train"]])
     train_y = np.concatenate([raw[s][1] for s in fold["train"]])
@@ -471,7 +473,7 @@ def classical_rows(method: str, fold: dict, raw: dict, k: int, episodes: list) -
             model = csp_lda().fit(np.concatenate([train_x, x[s]]), np.concatenate([train_y, y[s]]))
             refitted.append(float((model.predict(x[q]) == y[q]).mean()))
         return {"CSP+LDA zero-shot": scores(zero_shot, x, y), "CSP+LDA + K": refitted}
-    train_c, train_y, covariances, y = tangent_space_data(fold, raw)
+    train_c, train_y, covariances, y = tangent_space_data(fold, raw, cache)
     zero_shot = tangent_lr().fit(train_c, train_y)
     calibrated = []
     for s, q in episodes:
@@ -484,16 +486,27 @@ def classical_rows(method: str, fold: dict, raw: dict, k: int, episodes: list) -
     }
 
 
-def tangent_space_data(fold: dict, raw: dict) -> tuple:
+def tangent_space_data(fold: dict, raw: dict, cache: dict | None = None) -> tuple:
     """``(training covariances, each subject recentred by its own mean; their labels; the test
-    subject's covariances, not recentred; its labels)`` for the tangent-space pipelines."""
+    subject's covariances, not recentred; its labels)`` for the tangent-space pipelines, computed
+    once per fold (``cache``: the fold's; a Riemannian mean of 64-channel covariances takes
+    seconds)."""
+    if cache is not None and "tangent" in cache:
+        return cache["tangent"]
     estimator = Covariances(estimator="oas")
     train_c = np.concatenate(
         [recentred(c, c) for c in (estimator.transform(raw[s][0]) for s in fold["train"])]
     )
     train_y = np.concatenate([raw[s][1] for s in fold["train"]])
     x, y = raw[fold["test"]]
-    return train_c, train_y, estimator.transform(x), y
+    result = train_c, train_y, estimator.transform(x), y
+    if cache is not None:
+        cache["tangent"] = result
+    return result
+
+
+def _tangent(fold: dict, args, cache: dict) -> tuple:
+    return tangent_space_data(fold, _raw(fold, args, cache), cache)
 
 
 def ts_lr_calibrated(train_c, train_y, covariances, y, support) -> tuple:
@@ -583,7 +596,8 @@ def run_method(fold: dict, method: str, settings: list[dict], args, cache: dict)
         raw = _raw(fold, args, cache)
         for k in args.k_shots:
             episodes = held_out_episodes(raw[fold["test"]][1], k, fold["test"], args)
-            for name, accuracies in classical_rows(method, fold, raw, k, episodes).items():
+            rows_of = classical_rows(method, fold, raw, k, episodes, cache)
+            for name, accuracies in rows_of.items():
                 rows.append({"method": name, "setting": {}, "K": k, "accuracies": accuracies})
         return rows
     for alignment in dict.fromkeys(s["alignment"] for s in settings):
@@ -592,7 +606,7 @@ def run_method(fold: dict, method: str, settings: list[dict], args, cache: dict)
         )
         module = _network(method, alignment, data, fold, args, cache)
         if method in ENSEMBLES:
-            tangent = tangent_space_data(fold, _raw(fold, args, cache))
+            tangent = _tangent(fold, args, cache)
         x, y, _ = data.data["test"]
         for k in args.k_shots:
             episodes = held_out_episodes(y.numpy(), k, fold["test"], args)
