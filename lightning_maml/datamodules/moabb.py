@@ -46,6 +46,10 @@ def _describe(obj: Any) -> str:
     return json.dumps([type(obj).__module__, type(obj).__qualname__, state], sort_keys=True)
 
 
+#: the splits each stage of a Trainer needs (loaded alone where ``classes`` is given)
+_STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",),
+                 "predict": ("test",)}  # fmt: skip
+
 #: the ``alignment`` settings of :class:`MOABBDataModule`
 ALIGNMENTS: tuple[str, ...] = ("none", "euclidean", "euclidean-transductive")
 
@@ -260,6 +264,11 @@ class MOABBDataModule(EpisodicDataModule):
         dataset_attributes: attributes set on the dataset after it is built, for settings a
             MOABB dataset takes as attributes rather than arguments (e.g. ``PhysionetMI``'s
             ``{"hand_runs": [4], "feet_runs": []}`` to load only the runs present offline).
+        classes: the class names, in the order of the network's outputs (label ``j`` is
+            ``classes[j]``); default: every label of the loaded subjects, sorted, which needs
+            every split loaded. Given, ``setup`` loads only the subjects its stage needs
+            (``test`` and ``predict``: the test subjects; ``validate``: the validation subjects;
+            ``fit``: training and validation), and a label outside them is refused.
 
     Raises:
         ValueError: on unknown subjects, overlapping splits, an empty split or counts below 1.
@@ -306,6 +315,7 @@ class MOABBDataModule(EpisodicDataModule):
         num_workers: int = 0,
         dataset_kwargs: dict | None = None,
         dataset_attributes: dict | None = None,
+        classes: Sequence[str] | None = None,
     ) -> None:
         super().__init__(
             n_way,
@@ -343,7 +353,12 @@ class MOABBDataModule(EpisodicDataModule):
         if cache_dir == "default":
             cache_dir = str(Path(mne_data_folder()) / "lightning_maml")
         self.cache_dir = Path(cache_dir) if cache_dir else None
-        self.classes: list[str] = []
+        if classes is not None:
+            classes = [str(c) for c in classes]
+            if not classes or len(set(classes)) != len(classes):
+                raise ValueError(f"`classes` must name each class once, got {classes}")
+        self._given_classes = classes
+        self.classes: list[str] = list(classes or [])
         self.data: dict[str, tuple[torch.Tensor, torch.Tensor, np.ndarray]] = {}
 
     def _split(self, train, val, test, val_fraction, test_fraction, seed) -> dict[str, list[int]]:
@@ -446,19 +461,31 @@ class MOABBDataModule(EpisodicDataModule):
                     self.load_subject(subject)
 
     def setup(self, stage: str | None = None) -> None:
-        if self.data:
+        needed = list(self.splits)
+        if self._given_classes is not None and stage in _STAGE_SPLITS:
+            needed = list(_STAGE_SPLITS[stage])
+        missing = [split for split in needed if self.splits[split] and split not in self.data]
+        if not missing:
             return
         from tqdm import tqdm
 
-        subjects = [s for split in self.splits.values() for s in split]
+        subjects = [s for split in missing for s in self.splits[split]]
         # a bar where a person watches (a terminal): loading through MNE takes seconds a subject
         bar = tqdm(subjects, desc=f"loading {self.dataset.code}", unit="subject", disable=None)
         loaded = {s: self.load_subject(s) for s in bar}
-        self.classes = sorted({label for _, y in loaded.values() for label in y})
+        labels = {label for _, y in loaded.values() for label in y}
+        if self._given_classes is None:
+            self.classes = sorted(labels)
+        elif not labels <= set(self.classes):
+            raise ValueError(
+                f"the subjects hold labels {sorted(map(str, labels - set(self.classes)))} that "
+                f"`classes` "
+                f"{self.classes} does not name"
+            )
         index = {c: i for i, c in enumerate(self.classes)}
-        for split, subjects in self.splits.items():
+        for split in missing:
             xs, ys, ids = [], [], []
-            for s in subjects:
+            for s in self.splits[split]:
                 x, y = loaded[s]
                 if self.standardize != "none":
                     axes = (0, 2) if self.standardize == "subject" else (2,)
@@ -471,8 +498,7 @@ class MOABBDataModule(EpisodicDataModule):
                 xs.append(x)
                 ys.append(torch.as_tensor([index[c] for c in y]))
                 ids.append(np.full(len(y), s))
-            if xs:
-                self.data[split] = (torch.cat(xs), torch.cat(ys), np.concatenate(ids))
+            self.data[split] = (torch.cat(xs), torch.cat(ys), np.concatenate(ids))
 
     def episodes(
         self,

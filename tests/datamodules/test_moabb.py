@@ -373,6 +373,9 @@ def test_the_shipped_physionet_config_trains_on_real_subjects(tmp_path, monkeypa
     assert cli.trainer.global_step == 2
     dm = cli.datamodule
     assert dm.classes == ["left_hand", "right_hand"]
+    assert set(dm.data) == {"train", "val"}  # the config names the classes: fit loads these
+    metrics = cli.trainer.test(cli.model, datamodule=dm, verbose=False)[0]
+    assert 0.0 <= metrics["test/query_acc_after"] <= 1.0
     shapes = {split: tuple(x.shape) for split, (x, _, _) in dm.data.items()}
     assert shapes == {"train": (135, 64, 240), "val": (45, 64, 240), "test": (45, 64, 240)}
     subjects = {split: sorted(set(ids.tolist())) for split, (_, _, ids) in dm.data.items()}
@@ -380,8 +383,6 @@ def test_the_shipped_physionet_config_trains_on_real_subjects(tmp_path, monkeypa
     # each trial standardised on its own
     x = dm.data["test"][0]
     assert torch.allclose(x.mean(dim=2), torch.zeros(()), atol=1e-4)
-    metrics = cli.trainer.test(cli.model, datamodule=dm, verbose=False)[0]
-    assert 0.0 <= metrics["test/query_acc_after"] <= 1.0
 
 
 def test_a_cache_folder_that_cannot_be_written_loads_without_caching(tmp_path):
@@ -549,3 +550,23 @@ def test_alignment_names_bad_trials_and_takes_what_alignment_matrix_takes():
     assert aligned.is_floating_point() and aligned.abs().sum() > 0
     covariance = (aligned @ aligned.transpose(1, 2)).mean(0) / 50
     torch.testing.assert_close(covariance, torch.eye(3), rtol=1e-4, atol=1e-4)
+
+
+def test_with_classes_given_test_and_predict_load_the_test_subjects_alone(tmp_path, monkeypatch):
+    dm = _module(tmp_path, cache_dir=None, classes=["left_hand", "right_hand"])
+    loads = []
+    load = dm.load_subject
+    monkeypatch.setattr(dm, "load_subject", lambda s: loads.append(s) or load(s))
+    dm.setup("predict")
+    assert loads == [4] and set(dm.data) == {"test"}
+    dm.setup("fit")  # the rest when fitting
+    assert loads == [4, 1, 2, 3] and set(dm.data) == {"train", "val", "test"}
+    everyone = _module(tmp_path, cache_dir=None)
+    everyone.setup("predict")  # without classes: every subject, to find the labels
+    for split in dm.data:
+        torch.testing.assert_close(dm.data[split][0], everyone.data[split][0])
+        assert torch.equal(dm.data[split][1], everyone.data[split][1])
+    with pytest.raises(ValueError, match=r"hold labels \['right_hand'\] that `classes`"):
+        _module(tmp_path, cache_dir=None, classes=["left_hand"]).setup("test")
+    with pytest.raises(ValueError, match="`classes` must name each class once"):
+        _module(tmp_path, classes=["a", "a"])
