@@ -665,6 +665,9 @@ def run_stage(
                 "w", dir=store, prefix=path.stem + ".", suffix=".tmp", delete=False
             ) as temporary:
                 temporary.write(json.dumps({"fold": fold, "method": method, "rows": fold_rows}))
+            mask = os.umask(0o022)
+            os.umask(mask)
+            os.chmod(temporary.name, 0o666 & ~mask)  # as a plain write would (not 0600)
             os.replace(temporary.name, path)
         rows += fold_rows
         progress.update()
