@@ -139,6 +139,20 @@ COMPILE_MODES: tuple[str, ...] = (
 """The :func:`torch.compile` modes that ``compile`` may name (``True`` is ``"default"``)."""
 
 
+def nonfinite_rows(t: Tensor) -> list[int]:
+    """The positions along the first dimension (trials, tasks) of ``t`` that hold NaN or inf;
+    none for an integer tensor.
+
+    Example::
+
+        >>> nonfinite_rows(torch.tensor([[0.0, 1.0], [float("inf"), 2.0]]))
+        [1]
+    """
+    if not (t.is_floating_point() or t.is_complex()):
+        return []
+    return (~torch.isfinite(t)).reshape(len(t), -1).any(1).nonzero().flatten().tolist()
+
+
 def check_finite_trials(
     x: Tensor, y: Tensor, x_name: str = "support_x", y_name: str = "support_y"
 ) -> None:
@@ -154,9 +168,7 @@ def check_finite_trials(
         ValueError: `support_x` holds NaN or inf in trials [2] (of 4): calibration trials must be finite
     """  # noqa: E501
     for name, t in ((x_name, x), (y_name, y)):
-        if not t.is_floating_point() and not t.is_complex():
-            continue
-        bad = (~torch.isfinite(t)).reshape(len(t), -1).any(1).nonzero().flatten().tolist()
+        bad = nonfinite_rows(t)
         if bad:
             raise ValueError(
                 f"`{name}` holds NaN or inf in trials {bad} (of {len(t)}): calibration trials "

@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
+from lightning_maml._checks import nonfinite_rows
 from lightning_maml.episode import Episode
 from lightning_maml.functional import split_parameters
 from lightning_maml.functional.losses import cross_entropy_loss
@@ -44,11 +45,7 @@ def nonfinite_message(module: MAMLModule, params: Sequence[Tensor], scaled: bool
         parts.append(f"non-finite meta-gradient in {bad_grads}")
     lines = [f"non-finite values at {where}: {', '.join(parts)}"]
     tasks = (~torch.isfinite(out.query_losses)).nonzero().flatten().tolist()
-    data = {
-        field: (~torch.isfinite(t)).flatten(1).any(1).nonzero().flatten().tolist()
-        for field, t in zip(Episode._fields, episode)
-        if t.is_floating_point()
-    }
+    data = {field: nonfinite_rows(t) for field, t in zip(Episode._fields, episode)}
     data = {field: ts for field, ts in data.items() if ts}
     if data:
         listed = "; ".join(f"{field} of tasks {ts}" for field, ts in data.items())

@@ -473,11 +473,12 @@ def classical_rows(
             model = csp_lda().fit(np.concatenate([train_x, x[s]]), np.concatenate([train_y, y[s]]))
             refitted.append(float((model.predict(x[q]) == y[q]).mean()))
         return {"CSP+LDA zero-shot": scores(zero_shot, x, y), "CSP+LDA + K": refitted}
-    train_c, train_y, covariances, y = tangent_space_data(fold, raw, cache)
+    tangent = tangent_space_data(fold, raw, cache)
+    train_c, train_y, covariances, y = tangent
     zero_shot = tangent_lr().fit(train_c, train_y)
     calibrated = []
     for s, q in episodes:
-        model, mine = ts_lr_calibrated(train_c, train_y, covariances, y, s)
+        model, mine = ts_lr_calibrated(tangent, s, cache)
         calibrated.append(float((model.predict(mine[q]) == y[q]).mean()))
     return {
         "TS+LR zero-shot": scores(zero_shot, covariances, y),
@@ -509,12 +510,21 @@ def _tangent(fold: dict, args, cache: dict) -> tuple:
     return tangent_space_data(fold, _raw(fold, args, cache), cache)
 
 
-def ts_lr_calibrated(train_c, train_y, covariances, y, support) -> tuple:
+def ts_lr_calibrated(tangent: tuple, support: np.ndarray, cache: dict | None = None) -> tuple:
     """Tangent space + LR refitted with a new subject's support trials, its covariances
-    recentred by the support trials alone: ``(model, recentred covariances of the subject)``."""
+    recentred by the support trials alone: ``(model, recentred covariances of the subject)``, from
+    :func:`tangent_space_data`'s ``tangent``; fitted once per support set of a fold (``cache``:
+    the fold's; TS+LR + K and the ensemble score the same episodes)."""
+    key = ("ts-lr + K", np.asarray(support).tobytes())
+    if cache is not None and key in cache:
+        return cache[key]
+    train_c, train_y, covariances, y = tangent
     mine = recentred(covariances, covariances[support])
     features = np.concatenate([train_c, mine[support]])
-    return tangent_lr().fit(features, np.concatenate([train_y, y[support]])), mine
+    fitted = tangent_lr().fit(features, np.concatenate([train_y, y[support]])), mine
+    if cache is not None:
+        cache[key] = fitted
+    return fitted
 
 
 # ---- folds ----------------------------------------------------------------------------------
@@ -616,11 +626,8 @@ def run_method(fold: dict, method: str, settings: list[dict], args, cache: dict)
                 probabilities = single_trial_probabilities(module, batch, steps)
                 scored = {NAMES[method]: probabilities}
                 if method in ENSEMBLES:  # TS+LR + K's probabilities on the same episodes
-                    train_c, train_y, covariances, labels = tangent
                     for e, (support, query) in enumerate(episodes):
-                        model, mine = ts_lr_calibrated(
-                            train_c, train_y, covariances, labels, support
-                        )
+                        model, mine = ts_lr_calibrated(tangent, support, cache)
                         other = torch.as_tensor(model.predict_proba(mine[query]))
                         probabilities[e] = (probabilities[e] + other.to(probabilities[e])) / 2
                 for name, p in scored.items():

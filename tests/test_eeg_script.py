@@ -106,7 +106,7 @@ def test_a_test_subjects_query_trials_reach_no_alignment_and_no_fit():
     train = covariances(torch.as_tensor(g.standard_normal((30, 4, 50))))
     train_y = np.arange(2).repeat(15)
     fits = [
-        eeg.ts_lr_calibrated(train, train_y, covariances(t), y.numpy(), episodes[0][0])[0]
+        eeg.ts_lr_calibrated((train, train_y, covariances(t), y.numpy()), episodes[0][0])[0]
         for t in (x, poisoned)
     ]
     np.testing.assert_array_equal(fits[0][-1].coef_, fits[1][-1].coef_)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lightning_maml._checks import nonfinite_rows
 from lightning_maml.episode import Episode
 
 #: an eigenvalue of the mean covariance below this fraction of their mean marks the estimate
@@ -36,7 +37,7 @@ def _trials(trials: Tensor | np.ndarray, name: str = "trials") -> Tensor:
             f"`{name}` must be [trials, channels, samples] with at least one trial, got shape "
             f"{tuple(x.shape)}"
         )
-    bad = (~torch.isfinite(x)).flatten(1).any(1).nonzero().flatten().tolist()
+    bad = nonfinite_rows(x)
     if bad:
         raise ValueError(f"`{name}` holds NaN or inf in trials {bad} (of {len(x)})")
     return x

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from lightning_maml.datamodules.alignment import SupportAlignment, align, alignment_matrix
 from lightning_maml.datamodules.episodic import EpisodicDataModule, EpisodicDataset
+from lightning_maml.datamodules.recordings import standardize_trials
 
 
 def _resolve(value: Any, module_name: str, kwargs: dict | None, argument: str) -> Any:
@@ -479,20 +480,14 @@ class MOABBDataModule(EpisodicDataModule):
         elif not labels <= set(self.classes):
             raise ValueError(
                 f"the subjects hold labels {sorted(map(str, labels - set(self.classes)))} that "
-                f"`classes` "
-                f"{self.classes} does not name"
+                f"`classes` {self.classes} does not name"
             )
         index = {c: i for i, c in enumerate(self.classes)}
         for split in missing:
             xs, ys, ids = [], [], []
             for s in self.splits[split]:
                 x, y = loaded[s]
-                if self.standardize != "none":
-                    axes = (0, 2) if self.standardize == "subject" else (2,)
-                    mean = x.mean(axis=axes, keepdims=True)
-                    std = x.std(axis=axes, keepdims=True) + 1e-8
-                    x = (x - mean) / std
-                x = torch.as_tensor(x)
+                x = torch.as_tensor(standardize_trials(x, self.standardize))
                 if self._aligns_whole_subject(split):
                     x = align(x, alignment_matrix(x))
                 xs.append(x)
