@@ -15,6 +15,7 @@ PUBLIC_MODULES = [
     "lightning_maml.callbacks",
     "lightning_maml.datamodules",
     "lightning_maml.models",
+    "lightning_maml.study",
 ]
 
 
