@@ -1,53 +1,38 @@
 """Few-shot calibration of new EEG subjects: PhysioNet motor imagery, the MAML family against the
-field's pipelines, hyper-parameters chosen on subjects apart from those scored.
+field's calibration pipelines; a command line over :mod:`lightning_maml.study`.
 
 Data: PhysioNet EEG Motor Movement/Imagery (MOABB's ``PhysionetMI``), imagined left vs right fist
 (runs 4, 8, 12: 45 trials per subject), cut by MOABB's ``LeftRightImagery`` (8-30 Hz, 0-3 s,
-resampled to 80 Hz: 64 channels x 240 samples), loaded through ``MOABBDataModule`` (networks: each
-trial standardised on its own) and ``load_subject`` (classical pipelines: the band-passed trials).
+resampled to 80 Hz: 64 channels x 240 samples); networks get each trial standardised on its own.
 
-A *fold* scores one test subject: the networks are (meta-)trained on the fold's training subjects,
-then every method is given the same K labelled trials per class of the test subject (the support
-set) and scored on the rest of that subject's trials (the query set): never in a support set, an
-alignment estimate or a fit, except where a method is labelled *transductive*. Methods:
+A fold holds out test subjects (``--folds``: ``loso``, one at a time, or a number of groups);
+every method is fitted once on the fold's training subjects, then given, for each test subject, K
+and episode, the same K labelled trials per class (the support set) and scored on the rest of that
+subject's trials (the query set), each query trial classified alone. Methods:
 
 - ``maml``, ``fomaml``, ``anil``, ``metasgd``, ``imaml``, ``protomaml``: EEGNet-8,2 meta-trained on
-  episodes of the training subjects with ``MAMLModule``, adapted on the support set with its own
-  inner rule (Meta-SGD with its learned step sizes, iMAML its regularised steps, ProtoMAML from
-  the prototype head) for ``eval_steps`` steps (``MAMLModule.adapt``'s computation); iMAML with
-  ``lam = 1 / --inner-lr`` (fixed in advance, as in the sinusoid and digits comparisons; its
-  meta-steps without an implicit gradient, where the regularised problem is not convex, are
-  skipped and counted in the table); ProtoMAML's EEGNet has a plain
-  linear output layer (its prototype initialisation assumes one; the paper's is max-norm bound);
-- ``joint``: the same network trained on the same episodes without an inner loop, fine-tuned like
+  episodes of the training subjects with ``MAMLModule``, calibrated with ``MAMLModule.adapt`` (its
+  inner rule, ``eval_steps`` steps, BatchNorm from the support trials); iMAML with
+  ``lam = 1 / --inner-lr``; ProtoMAML's EEGNet has a plain linear output layer (its prototype
+  initialisation assumes one);
+- ``joint``: the same network trained on the same episodes without an inner loop, calibrated like
   MAML; ``scratch``: a new EEGNet trained on the support set alone;
-- ``ensemble``: MAML's calibrated network and TS+LR + K (below) on the same episode, their class
-  probabilities averaged with weights fixed in advance (1/2 each); MAML's trained network reused;
-- ``csp-lda``: MNE's CSP (4 components, Ledoit-Wolf) + LDA on the training subjects (zero-shot),
-  and refitted with the support trials added (+ K);
-- ``ts-lr``: covariances (OAS), each subject recentred to the identity by its own Riemannian mean,
-  tangent space + logistic regression (pyriemann, scikit-learn). Zero-shot: the test subject not
-  recentred; zero-shot transductive: recentred by all of its unlabelled trials (the query trials
-  included); + K: recentred by its support trials and refitted with them added.
+- ``ensemble``: MAML's calibrated network and TS+LR + K, class probabilities averaged (1/2 each);
+- ``csp-lda``: CSP (4 components, Ledoit-Wolf) + LDA, zero-shot and refitted with the support
+  trials added;
+- ``ts-lr``: the recentred tangent-space pipeline, zero-shot, zero-shot transductive and + K
+  (``RecentredTangentSpace``);
+- ``rpa``: Riemannian Procrustes analysis + K (pyriemann's TLCenter, TLScale, TLRotate,
+  TLClassifier; training subjects rotated as one source domain), at ``--rpa-k-shots``.
 
-Network methods can align the trials (``alignment``: Euclidean alignment, training subjects by their
-own trials, a test subject's episode by its support trials alone). A network method's score
-classifies each query trial alone: the network ``MAMLModule.adapt`` calibrates on the support set,
-its BatchNorm normalising with the support trials' statistics, as an online BCI classifies trials
-as they come; its rows "... (query batch)" score as before, the query trials normalised together.
+Hyper-parameters: with ``--selection-subjects``, every candidate (each network method's
+``alignment`` and ``eval_steps``) is scored leave-one-subject-out within those subjects, and the
+best of each kept (methods not in ``--selection-methods`` take a selected one's setting: the family
+MAML's, scratch joint's); without, the first value of each is used, fixed before any scoring.
+``--train-subjects`` trains once on those subjects and calibrates every test subject.
 
-Hyper-parameters: with ``--selection-subjects`` (default 1-9), every candidate of the grid (each
-network method's ``alignment`` and ``eval_steps``) is scored leave-one-subject-out *within* those
-subjects (each fold training on the other selection subjects), the best candidate of each method
-by its mean accuracy at the largest two K is kept, and so is the best MAML-family method
-(``--selection-methods`` scores some methods only: the rest of the family then takes MAML's
-setting, joint MAML's, scratch joint's); the table
-is then computed on ``--test-subjects`` (default 10-19), each fold training on every other
-subject of ``--subjects``, with the chosen settings. ``--train-subjects`` trains once on those
-subjects instead and calibrates each test subject (a lab's own subjects, new users).
-
-Results are stored per fold, keyed by a hash of everything that shapes them: a killed run continues
-from the folds already finished, and changed settings never mix with old results.
+Results are stored per (fold, method) in ``--out``/folds, keyed by everything that shapes them: a
+killed run continues, and changed settings never mix with old results.
 
     python scripts/eeg.py --mne-data ../shared/data/mne_data
 
@@ -59,32 +44,42 @@ configured folder is used and missing recordings are downloaded.
 from __future__ import annotations
 
 import argparse
-import hashlib
+import itertools
 import json
 import os
-import tempfile
 import time
-import warnings
 from pathlib import Path
 
 FAMILY = ("maml", "fomaml", "anil", "metasgd", "imaml", "protomaml")
-#: MAML's calibrated network and TS+LR + K, their class probabilities averaged (weights fixed
-#: in advance, 1/2 each): the network the ``maml`` method trained, reused
-ENSEMBLES = ("ensemble",)
-NETWORKS = (*FAMILY, "joint", "scratch", *ENSEMBLES)
-CLASSICAL = ("csp-lda", "ts-lr")
+NETWORKS = (*FAMILY, "joint", "scratch", "ensemble")
+CLASSICAL = ("csp-lda", "ts-lr", "rpa")
+NAMES = {
+    "maml": "MAML",
+    "fomaml": "first-order MAML",
+    "anil": "ANIL",
+    "metasgd": "Meta-SGD",
+    "imaml": "iMAML",
+    "protomaml": "ProtoMAML",
+    "joint": "joint + fine-tuning",
+    "scratch": "scratch",
+    "ensemble": "MAML & TS+LR + K",
+}
+#: where a network method not scored in selection takes its settings from
+INHERIT = {
+    "fomaml": "maml", "anil": "maml", "metasgd": "maml", "joint": "maml", "scratch": "joint",
+    "ensemble": "maml",
+}  # fmt: skip
 
 
-def _merged_rows(path: str, args: argparse.Namespace, parser: argparse.ArgumentParser) -> list:
-    """The test rows of an earlier run's results.json, refused unless they were scored on the
-    same episodes (test subjects, K, episodes per subject and K, seed) and hold none of
-    ``--methods``."""
+def _merged(path: str, args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
+    """An earlier run's results.json, refused unless scored on the same episodes and folds and
+    holding none of ``--methods``."""
     try:
         earlier = json.loads(Path(path).read_text())
-        given, rows = earlier["args"], earlier["rows"]
+        given, earlier["rows"] = earlier["args"], earlier["rows"]
     except (OSError, ValueError, KeyError) as error:
         parser.error(f"--merge {path!r}: not a results.json of this script ({error})")
-    for name in ("test_subjects", "k_shots", "episodes", "seed"):
+    for name in ("test_subjects", "k_shots", "episodes", "seed", "folds"):
         if given.get(name) != getattr(args, name):
             parser.error(
                 f"--merge {path!r} was scored with {name}={given.get(name)}, this run with "
@@ -93,7 +88,7 @@ def _merged_rows(path: str, args: argparse.Namespace, parser: argparse.ArgumentP
     shared = sorted(set(given.get("methods", [])) & set(args.methods))
     if shared:
         parser.error(f"--merge {path!r} already holds {shared}: leave them out of --methods")
-    return rows
+    return earlier
 
 
 def _subjects(
@@ -127,8 +122,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add = parser.add_argument
     add("--mne-data", help="MNE data folder holding the PhysioNet recordings")
     add("--subjects", default="1-19", help="every subject a fold may train on (default 1-19)")
-    add("--test-subjects", default="10-19", help="subjects scored in the table")
-    add("--selection-subjects", default="1-9", help="subjects hyper-parameters are chosen on")
+    add("--test-subjects", default="1-19", help="subjects scored in the table (default 1-19)")
+    add("--folds", default="5", help="'loso' or a number of groups of test subjects (default 5)")
+    add("--selection-subjects", default="", help="subjects settings are chosen on (default: "
+        "none, the first value of each setting, fixed in advance)")  # fmt: skip
     add(
         "--selection-methods",
         default=None,
@@ -136,8 +133,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "of --methods); the others take a chosen one's: the MAML family MAML's, scratch joint's",
     )
     add("--train-subjects", default=None, help="train once on these instead of on all others")
-    add("--methods", default=",".join(NETWORKS + CLASSICAL))
+    add("--methods", default="maml,joint,ensemble,ts-lr,rpa")
     add("--k-shots", default="1,5,10", help="labelled trials per class of a test subject")
+    add("--rpa-k-shots", default="5,10", help="K at which RPA is scored (seconds per episode)")
     add("--episodes", type=int, default=10, help="episodes per test subject and K")
     add("--alignment", default="none,euclidean", help="candidates: none, euclidean")
     add("--eval-steps", default="10,25", help="candidates: adaptation steps on the support set")
@@ -151,24 +149,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--scratch-steps", type=int, default=100)
     add("--scratch-lr", type=float, default=0.1)
     add("--seed", type=int, default=0)
+    add("--merge", default=None, help="results.json of an earlier run on the same test "
+        "subjects, folds, K, episodes and seed: its methods join the table")  # fmt: skip
     add(
-        "--merge",
+        "--reference",
         default=None,
-        help="results.json of an earlier run on the same test subjects, K, episodes and seed: "
-        "its methods join the table (the same episodes), e.g. docs/eeg19_results.json",
+        help="the method the others are compared with (default: the ensemble if run, else the "
+        "best family method of the selection, else the first)",
     )
-    add("--reference", default=None, help="the method the others are compared with (default: "
-        "the best family method of the selection, else the first family method)")  # fmt: skip
     add("--out", default="outputs/eeg")
     add("--no-progress-bar", action="store_true")
-    add(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch intra-op threads (default 1, which never collapses; on a machine of your own "
-        "EEGNet runs about 10%% faster with 2 on 2 cores, and 3x slower when another process "
-        "shares them)",
-    )
+    add("--workers", type=int, default=1, help="folds scored at once, each in a process of "
+        "its own (e.g. 2 on 2 cores)")  # fmt: skip
+    add("--threads", type=int, default=1, help="torch intra-op threads (default 1, which "
+        "never collapses when another process shares the cores)")  # fmt: skip
     args = parser.parse_args(argv)
     args.subjects = _subjects(args.subjects, "--subjects", parser)
     args.test_subjects = _subjects(args.test_subjects, "--test-subjects", parser)
@@ -177,26 +171,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     if args.train_subjects is not None:
         args.train_subjects = _subjects(args.train_subjects, "--train-subjects", parser)
+    if args.folds != "loso":
+        if not args.folds.isdigit() or not 1 <= int(args.folds) <= len(args.test_subjects):
+            parser.error(f"--folds {args.folds!r}: 'loso' or a number from 1 to the "
+                         f"{len(args.test_subjects)} test subjects")  # fmt: skip
+        args.folds = int(args.folds)
     args.methods = _values(args.methods, str)
-    networks = [m for m in args.methods if m in NETWORKS]
+    unknown = sorted(set(args.methods) - set(NETWORKS + CLASSICAL))
+    if unknown:
+        parser.error(f"--methods {unknown} unknown; methods: {', '.join(NETWORKS + CLASSICAL)}")
+    networks = [m for m in args.methods if m in NETWORKS and m != "ensemble"]
     args.selection_methods = (
         networks if args.selection_methods is None else _values(args.selection_methods, str)
     )
     if not set(args.selection_methods) <= set(networks):
-        parser.error(f"--selection-methods {args.selection_methods} must be network --methods")
+        parser.error(f"--selection-methods {args.selection_methods} must be network --methods "
+                     "other than ensemble (which takes MAML's setting)")  # fmt: skip
     args.k_shots = _values(args.k_shots, int)
+    args.rpa_k_shots = _values(args.rpa_k_shots, int)
     args.alignment = _values(args.alignment, str)
     args.eval_steps = _values(args.eval_steps, int)
-    unknown = sorted(set(args.methods) - set(NETWORKS + CLASSICAL))
-    if unknown:
-        parser.error(f"--methods {unknown} unknown; methods: {', '.join(NETWORKS + CLASSICAL)}")
     if not set(args.alignment) <= {"none", "euclidean"} or not args.alignment:
         parser.error(f"--alignment takes none and/or euclidean, got {args.alignment}")
-    for name in ("meta_steps", "episodes", "scratch_steps", "train_k_shot", "meta_batch_size"):
+    for name in ("meta_steps", "episodes", "scratch_steps", "train_k_shot", "meta_batch_size",
+                 "workers"):  # fmt: skip
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not args.k_shots or min(args.k_shots) < 1 or not args.eval_steps or min(args.eval_steps) < 0:
         parser.error("--k-shots must be >= 1 and --eval-steps >= 0")
+    if not set(args.rpa_k_shots) <= set(args.k_shots):
+        parser.error(f"--rpa-k-shots {args.rpa_k_shots} must be among --k-shots {args.k_shots}")
     everyone = set(args.subjects)
     for name in ("test_subjects", "selection_subjects", "train_subjects"):
         given = getattr(args, name) or []
@@ -211,7 +215,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.reference is not None and args.reference not in NETWORKS:
         parser.error(f"--reference {args.reference!r} unknown; methods: {', '.join(NETWORKS)}")
     if args.merge is not None:
-        args.merge = _merged_rows(args.merge, args, parser)
+        args.merge = _merged(args.merge, args, parser)
     if args.mne_data is not None:
         folder = Path(args.mne_data).resolve()
         if not folder.is_dir():
@@ -224,219 +228,89 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # arguments before the heavy imports below: --help and argument errors answer at once
 ARGS = parse_args() if __name__ == "__main__" else None
 
-import lightning.pytorch as pl  # noqa: E402
 import mne  # noqa: E402
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from benchtools import (  # noqa: E402
-    cpu_trainer,
-    markdown_table,
-    plot_accuracy_vs_k,
-    quiet_lightning_info,
-)
+from benchtools import quiet_lightning_info  # noqa: E402
 from mne.decoding import CSP  # noqa: E402
 from moabb.datasets import PhysionetMI  # noqa: E402
 from moabb.paradigms import LeftRightImagery  # noqa: E402
-from pyriemann.estimation import Covariances  # noqa: E402
-from pyriemann.geometry.base import invsqrtm  # noqa: E402
-from pyriemann.geometry.mean import mean_riemann  # noqa: E402
-from pyriemann.tangentspace import TangentSpace  # noqa: E402
-from scipy import stats  # noqa: E402
 from sklearn.discriminant_analysis import LinearDiscriminantAnalysis  # noqa: E402
-from sklearn.linear_model import LogisticRegression  # noqa: E402
 from sklearn.pipeline import make_pipeline  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
-from lightning_maml import Episode, MAMLModule  # noqa: E402
-from lightning_maml.datamodules import MOABBDataModule  # noqa: E402
-from lightning_maml.datamodules.alignment import SupportAlignment  # noqa: E402
-from lightning_maml.functional import IMAML, meta_loss, nonfinite_tasks, query_correct  # noqa: E402
-from lightning_maml.functional.algorithms import describe_algorithm  # noqa: E402
+from lightning_maml.functional import IMAML  # noqa: E402
 from lightning_maml.models import EEGNet  # noqa: E402
-
-#: bump when what a stored fold holds changes meaning (2: a meta-step with a non-finite
-#: meta-gradient, e.g. iMAML's where a task's regularised problem is not convex, is skipped and
-#: counted in the rows' ``skipped_steps``; 3: a network method's rows score each query trial
-#: alone, BatchNorm from the support trials, and its former scoring is the "(query batch)" rows)
-RESULTS_FORMAT = 3
-NAMES = {
-    "maml": "MAML",
-    "fomaml": "first-order MAML",
-    "anil": "ANIL",
-    "metasgd": "Meta-SGD",
-    "imaml": "iMAML",
-    "protomaml": "ProtoMAML",
-    "joint": "joint + fine-tuning",
-    "scratch": "scratch",
-    "ensemble": "MAML & TS+LR + K",
-}
-#: the rows of a network method scored as before: its query trials normalised as one batch
-BATCH_SCORED = " (query batch)"
-CLASSICAL_ROWS = {
-    "csp-lda": ["CSP+LDA zero-shot", "CSP+LDA + K"],
-    "ts-lr": ["TS+LR zero-shot", "TS+LR zero-shot (transductive)", "TS+LR + K"],
-}
+from lightning_maml.study import (  # noqa: E402
+    CalibrationStudy,
+    Ensemble,
+    NetworkMethod,
+    PipelineMethod,
+    RecentredTangentSpace,
+    RiemannianProcrustes,
+    StudyResult,
+)
 
 
-#: family members meta-trained with settings other than a name's defaults, fixed in advance
-FAMILY_SETTINGS = {"imaml": lambda args: IMAML(lam=1 / args.inner_lr)}
-#: networks other than EEGNet-8,2 as the paper has it: ProtoMAML's prototype initialisation
-#: assumes a plain linear output layer, which the paper's max-norm bound would rescale
-NETWORK_SETTINGS = {"protomaml": {"dense_max_norm": None}}
+def eegnet(n_channels: int, n_samples: int, n_classes: int) -> EEGNet:
+    """EEGNet-8,2 for the 80 Hz trials."""
+    return EEGNet(n_channels, n_samples, n_classes, sampling_rate=80)
 
 
-def family_algorithm(method: str, args: argparse.Namespace):
-    """The algorithm (a name or an object) a network method meta-trains with."""
-    if method in FAMILY_SETTINGS:
-        return FAMILY_SETTINGS[method](args)
-    return "maml" if method == "joint" else method
+def eegnet_linear_head(n_channels: int, n_samples: int, n_classes: int) -> EEGNet:
+    """EEGNet-8,2 with a plain linear output layer (ProtoMAML's prototype initialisation assumes
+    one; the paper's max-norm bound would rescale it)."""
+    return EEGNet(n_channels, n_samples, n_classes, sampling_rate=80, dense_max_norm=None)
 
 
-# ---- data -----------------------------------------------------------------------------------
-
-
-def make_data(
-    train: list[int], test: list[int], alignment: str, args: argparse.Namespace
-) -> MOABBDataModule:
-    data = MOABBDataModule(
+def physionet_study(args: argparse.Namespace) -> CalibrationStudy:
+    return CalibrationStudy(
         PhysionetMI(imagined=True, executed=False),
         LeftRightImagery(fmin=8, fmax=30, resample=80),
-        train_subjects=train,
-        val_subjects=[],
-        test_subjects=test,
-        n_way=2,
-        k_shot=args.train_k_shot,
-        query_size=args.train_query,
-        meta_batch_size=args.meta_batch_size,
-        episodes_per_epoch=50 * args.meta_batch_size,
-        standardize="trial",
-        alignment=alignment,
-        cache_dir=str(Path(args.out) / "cache"),
+        args.subjects,
+        k_shots=args.k_shots,
+        episodes=args.episodes,
         seed=args.seed,
-        dataset_attributes={"hand_runs": [4, 8, 12], "feet_runs": []},
-    )
-    data.prepare_data()
-    data.setup("fit")
-    return data
+        store=Path(args.out) / "folds",
+        cache_dir=str(Path(args.out) / "cache"),
+        data_options={"standardize": "trial",
+                      "dataset_attributes": {"hand_runs": [4, 8, 12], "feet_runs": []}},
+        progress=not args.no_progress_bar,
+    )  # fmt: skip
 
 
-def held_out_episodes(y: np.ndarray, k: int, subject: int, args) -> list[tuple]:
-    """``--episodes`` splits of a test subject's trials: per class ``k`` support trials and, as
-    the query set, ``q`` others (``q`` = the smallest class's count minus ``k``, the same in every
-    episode). Seeded by (seed, subject, k): every method sees the same episodes."""
-    classes = sorted(set(y.tolist()))
-    q = min(int((y == c).sum()) for c in classes) - k
-    if q < 1:
-        raise ValueError(f"K={k} leaves no query trial for subject {subject} ({q + k} per class)")
-    rng = np.random.default_rng([args.seed, subject, k])
-    episodes = []
-    for _ in range(args.episodes):
-        support, query = [], []
-        for c in classes:
-            order = rng.permutation(np.flatnonzero(y == c))
-            support.append(order[:k])
-            query.append(order[k : k + q])
-        episodes.append((np.concatenate(support), np.concatenate(query)))
-    return episodes
+def network(method: str, setting: dict, args: argparse.Namespace) -> NetworkMethod:
+    """The network method ``method`` with ``setting`` (alignment, eval_steps)."""
+    common = dict(inner_lr=args.inner_lr, meta_lr=args.meta_lr, meta_steps=args.meta_steps,
+                  k_shot=args.train_k_shot, query_size=args.train_query,
+                  meta_batch_size=args.meta_batch_size, **setting)  # fmt: skip
+    name = NAMES[method]
+    if method == "scratch":
+        return NetworkMethod(name, eegnet, meta_train=False,
+                             **{**common, "inner_lr": args.scratch_lr})  # fmt: skip
+    if method == "joint":
+        return NetworkMethod(name, eegnet, inner_steps=0, **common)
+    algorithm = IMAML(lam=1 / args.inner_lr) if method == "imaml" else method
+    net = eegnet_linear_head if method == "protomaml" else eegnet
+    return NetworkMethod(name, net, algorithm=algorithm, inner_steps=args.inner_steps, **common)
 
 
-def episode_batch(x: torch.Tensor, y: torch.Tensor, episodes: list[tuple], align: bool) -> Episode:
-    """The episodes as one batch; with ``align``, each aligned by its own support trials."""
-    parts = [Episode(x[s], y[s], x[q], y[q]) for s, q in episodes]
-    if align:
-        parts = [SupportAlignment()(p) for p in parts]
-    return Episode(*(torch.stack(field) for field in zip(*parts)))
-
-
-# ---- networks -------------------------------------------------------------------------------
-
-
-def train_network(data: MOABBDataModule, method: str, args: argparse.Namespace) -> MAMLModule:
-    """Meta-train (or, ``joint``, train without an inner loop) EEGNet on the training subjects."""
-    pl.seed_everything(args.seed, verbose=False)
-    x = data.data["train"][0]
-    settings = NETWORK_SETTINGS.get(method, {})
-    net = EEGNet(x.shape[1], x.shape[2], len(data.classes), sampling_rate=80, **settings)
-    module = MAMLModule(
-        net,
-        loss="cross_entropy",
-        inner_lr=args.inner_lr,
-        inner_steps=0 if method == "joint" else args.inner_steps,
-        algorithm=family_algorithm(method, args),
-        meta_lr=args.meta_lr,
-        on_nonfinite="skip",  # counted in the rows' skipped_steps and the table
-    )
-    batches_per_epoch = -(-data.episodes_per_epoch // data.meta_batch_size)
-    trainer = cpu_trainer(args.meta_steps, batches_per_epoch, progress_bar=False)
-    trainer.fit(module, data)
-    return module.eval()
-
-
-def adapted_accuracies(
-    module: MAMLModule, batch: Episode, steps: int, lr: float | None = None, chunk: int = 5
-) -> list[float]:
-    """Query accuracy per episode after ``steps`` steps of the module's own inner rule on the
-    support set (first order, from detached parameters: what ``MAMLModule.adapt`` computes);
-    ``lr`` replaces the step size (plain SGD, for a network trained from scratch)."""
-    algorithm = "fomaml" if lr is not None else module.algorithm.with_order(first_order=True)
-    learned = {n: t.detach() for n, t in module.algorithm.learned().items()}
-    params = {n: p.detach() for n, p in module.net.named_parameters()}
-    results: list[float] = []
-    for start in range(0, len(batch.support_x), chunk):
-        part = Episode(*(t[start : start + chunk] for t in batch))
-        with torch.enable_grad():
-            out = meta_loss(
-                module.net,
-                "cross_entropy",
-                *part,
-                inner_lr=lr or module.inner_lr,
-                inner_steps=steps,
-                algorithm=algorithm,
-                params=params,
-                learned=None if lr is not None else learned,
-                track_initial_loss=False,
-                executor=module.executor,
-            )
-        # a non-finite prediction is wrong, never argmax's class 0; such episodes are named
-        correct = query_correct(out.query_predictions, part.query_y)
-        bad = nonfinite_tasks(out).nonzero().flatten().tolist()
-        if bad:
-            warnings.warn(
-                f"episodes {[start + b for b in bad]} of this batch ended with non-finite "
-                f"predictions after {steps} adaptation steps: scored as wrong",
-                stacklevel=2,
-            )
-        results += correct.float().mean(1).tolist()
-    return results
-
-
-def single_trial_probabilities(module: MAMLModule, batch: Episode, steps: int) -> list:
-    """Per episode, the query trials' class probabilities from the network ``MAMLModule.adapt``
-    calibrates on the support set (its inner rule, ``steps`` steps): BatchNorm normalises with the
-    support trials' statistics, so each query trial is classified alone, as an online BCI does.
-    An episode whose calibration diverges gets NaN probabilities (scored wrong), with a warning."""
-    probabilities = []
-    for e in range(len(batch.support_x)):
-        try:
-            calibrated = module.adapt(batch.support_x[e], batch.support_y[e], steps=steps)
-        except ValueError as error:
-            if "diverged" not in str(error):
-                raise
-            warnings.warn(f"episode {e}: {error}; scored as wrong", stacklevel=2)
-            shape = (len(batch.query_y[e]), int(batch.support_y.max()) + 1)
-            probabilities.append(torch.full(shape, float("nan")))
-            continue
-        with torch.no_grad():
-            probabilities.append(torch.softmax(calibrated(batch.query_x[e]), dim=1))
-    return probabilities
-
-
-def probability_accuracies(probabilities: list, batch: Episode) -> list[float]:
-    """Query accuracy per episode of class probabilities (NaN ones wrong)."""
-    return [float(query_correct(p, y).float().mean()) for p, y in zip(probabilities, batch.query_y)]
-
-
-# ---- classical pipelines --------------------------------------------------------------------
+def methods_of(args: argparse.Namespace, chosen: dict[str, dict]) -> list:
+    """Every method of ``--methods`` (network ones with their ``chosen`` settings)."""
+    out = []
+    for method in args.methods:
+        if method == "ensemble":
+            members = [network("maml", chosen["ensemble"], args), RecentredTangentSpace()]
+            out.append(Ensemble(NAMES["ensemble"], members))
+        elif method in NETWORKS:
+            out.append(network(method, chosen[method], args))
+        elif method == "csp-lda":
+            out += [PipelineMethod(f"CSP+LDA {name}", csp_lda(), calibrate=refit)
+                    for name, refit in (("zero-shot", False), ("+ K", True))]  # fmt: skip
+        elif method == "ts-lr":
+            out += [RecentredTangentSpace(mode=m)
+                    for m in ("zero-shot", "transductive", "calibrated")]  # fmt: skip
+        else:
+            out.append(RiemannianProcrustes(k_shots=args.rpa_k_shots))
+    return out
 
 
 def csp_lda():
@@ -445,410 +319,38 @@ def csp_lda():
     )
 
 
-def recentred(covariances: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """Covariances recentred by the Riemannian mean of ``reference``: ``M^-1/2 C M^-1/2``."""
-    whitening = invsqrtm(mean_riemann(reference))
-    return whitening @ covariances @ whitening
+def candidates(method: str, args: argparse.Namespace) -> list[dict]:
+    if method == "scratch":
+        return [{"alignment": a, "eval_steps": args.scratch_steps} for a in args.alignment]
+    return [{"alignment": a, "eval_steps": s}
+            for a, s in itertools.product(args.alignment, args.eval_steps)]  # fmt: skip
 
 
-def tangent_lr():
-    return make_pipeline(TangentSpace(metric="riemann"), LogisticRegression(max_iter=1000))
-
-
-def classical_rows(
-    method: str, fold: dict, raw: dict, k: int, episodes: list, cache: dict | None = None
-) -> dict:
-    """Query accuracies per episode of each row of a classical method."""
-    train_x = np.concatenate([raw[s][0] for s in fold["train"]])
-    train_y = np.concatenate([raw[s][1] for s in fold["train"]])
-    x, y = raw[fold["test"]]
-
-    def scores(model, features, labels) -> list[float]:
-        return [float((model.predict(features[q]) == labels[q]).mean()) for _, q in episodes]
-
-    if method == "csp-lda":
-        zero_shot = csp_lda().fit(train_x, train_y)
-        refitted = []
-        for s, q in episodes:
-            model = csp_lda().fit(np.concatenate([train_x, x[s]]), np.concatenate([train_y, y[s]]))
-            refitted.append(float((model.predict(x[q]) == y[q]).mean()))
-        return {"CSP+LDA zero-shot": scores(zero_shot, x, y), "CSP+LDA + K": refitted}
-    tangent = tangent_space_data(fold, raw, cache)
-    train_c, train_y, covariances, y = tangent
-    zero_shot = tangent_lr().fit(train_c, train_y)
-    calibrated = []
-    for s, q in episodes:
-        model, mine = ts_lr_calibrated(tangent, s, cache)
-        calibrated.append(float((model.predict(mine[q]) == y[q]).mean()))
-    return {
-        "TS+LR zero-shot": scores(zero_shot, covariances, y),
-        "TS+LR zero-shot (transductive)": scores(zero_shot, recentred(covariances, covariances), y),
-        "TS+LR + K": calibrated,
-    }
-
-
-def tangent_space_data(fold: dict, raw: dict, cache: dict | None = None) -> tuple:
-    """``(training covariances, each subject recentred by its own mean; their labels; the test
-    subject's covariances, not recentred; its labels)`` for the tangent-space pipelines, computed
-    once per fold (``cache``: the fold's; a Riemannian mean of 64-channel covariances takes
-    seconds)."""
-    if cache is not None and "tangent" in cache:
-        return cache["tangent"]
-    estimator = Covariances(estimator="oas")
-    train_c = np.concatenate(
-        [recentred(c, c) for c in (estimator.transform(raw[s][0]) for s in fold["train"])]
-    )
-    train_y = np.concatenate([raw[s][1] for s in fold["train"]])
-    x, y = raw[fold["test"]]
-    result = train_c, train_y, estimator.transform(x), y
-    if cache is not None:
-        cache["tangent"] = result
-    return result
-
-
-def _tangent(fold: dict, args, cache: dict) -> tuple:
-    return tangent_space_data(fold, _raw(fold, args, cache), cache)
-
-
-def ts_lr_calibrated(tangent: tuple, support: np.ndarray, cache: dict | None = None) -> tuple:
-    """Tangent space + LR refitted with a new subject's support trials, its covariances
-    recentred by the support trials alone: ``(model, recentred covariances of the subject)``, from
-    :func:`tangent_space_data`'s ``tangent``; fitted once per support set of a fold (``cache``:
-    the fold's; TS+LR + K and the ensemble score the same episodes)."""
-    key = ("ts-lr + K", np.asarray(support).tobytes())
-    if cache is not None and key in cache:
-        return cache[key]
-    train_c, train_y, covariances, y = tangent
-    mine = recentred(covariances, covariances[support])
-    features = np.concatenate([train_c, mine[support]])
-    fitted = tangent_lr().fit(features, np.concatenate([train_y, y[support]])), mine
-    if cache is not None:
-        cache[key] = fitted
-    return fitted
-
-
-# ---- folds ----------------------------------------------------------------------------------
-
-
-def candidates(method: str, args: argparse.Namespace, chosen: dict | None) -> list[dict]:
-    """The settings to score for ``method``: the chosen one, or every candidate of the grid."""
-    if method in CLASSICAL:
-        return [{}]
-    if chosen is not None:
-        return [chosen[method]]
-    steps = args.eval_steps if method != "scratch" else [args.scratch_steps]
-    return [{"alignment": a, "eval_steps": e} for a in args.alignment for e in steps]
-
-
-def fold_key(fold: dict, method: str, settings: list[dict], args: argparse.Namespace) -> str:
-    shaping = {
-        "format": RESULTS_FORMAT,
-        "fold": fold,
-        "method": method,
-        "settings": settings,
-        **({"family": _described(method, args)} if method in FAMILY_SETTINGS else {}),
-        **({"network": NETWORK_SETTINGS[method]} if method in NETWORK_SETTINGS else {}),
-        "k_shots": args.k_shots,
-        "episodes": args.episodes,
-        "seed": args.seed,
-        **{
-            name: getattr(args, name)
-            for name in (
-                "meta_steps",
-                "meta_batch_size",
-                "meta_lr",
-                "inner_lr",
-                "inner_steps",
-                "train_k_shot",
-                "train_query",
-                "scratch_lr",
-            )
-        },
-    }
-    return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:20]
-
-
-def _described(method: str, args: argparse.Namespace) -> dict:
-    return describe_algorithm(family_algorithm(method, args))
-
-
-def _raw(fold: dict, args, cache: dict) -> dict:
-    """The fold's subjects' band-passed trials and string labels (classical pipelines)."""
-    raw = cache.setdefault("raw", {})
-    data = cache.get("none") or cache.setdefault(
-        "none", make_data(fold["train"], [fold["test"]], "none", args)
-    )
-    for s in {*fold["train"], fold["test"]} - set(raw):
-        x, labels = data.load_subject(s)
-        raw[s] = (x.astype(np.float64), labels)
-    return raw
-
-
-def _network(method: str, alignment: str, data: MOABBDataModule, fold: dict, args, cache):
-    """The fold's trained network of ``method`` (the ensemble's is MAML's), trained once."""
-    trained = "maml" if method in ENSEMBLES else method
-    key = f"network:{trained}:{alignment}"
-    if key not in cache:
-        if trained == "scratch":
-            pl.seed_everything(args.seed + fold["test"], verbose=False)
-            x = data.data["train"][0]
-            net = EEGNet(x.shape[1], x.shape[2], len(data.classes), sampling_rate=80)
-            cache[key] = MAMLModule(net, loss="cross_entropy", inner_lr=args.scratch_lr).eval()
-        else:
-            cache[key] = train_network(data, trained, args)
-    return cache[key]
-
-
-def run_method(fold: dict, method: str, settings: list[dict], args, cache: dict) -> list[dict]:
-    """Rows ``{method, setting, K, subject, accuracies}`` of one method on one fold."""
-    rows = []
-    if method in CLASSICAL:
-        raw = _raw(fold, args, cache)
-        for k in args.k_shots:
-            episodes = held_out_episodes(raw[fold["test"]][1], k, fold["test"], args)
-            rows_of = classical_rows(method, fold, raw, k, episodes, cache)
-            for name, accuracies in rows_of.items():
-                rows.append({"method": name, "setting": {}, "K": k, "accuracies": accuracies})
-        return rows
-    for alignment in dict.fromkeys(s["alignment"] for s in settings):
-        data = cache.get(alignment) or cache.setdefault(
-            alignment, make_data(fold["train"], [fold["test"]], alignment, args)
-        )
-        module = _network(method, alignment, data, fold, args, cache)
-        if method in ENSEMBLES:
-            tangent = _tangent(fold, args, cache)
-        x, y, _ = data.data["test"]
-        for k in args.k_shots:
-            episodes = held_out_episodes(y.numpy(), k, fold["test"], args)
-            batch = episode_batch(x, y, episodes, align=alignment == "euclidean")
-            for setting in (s for s in settings if s["alignment"] == alignment):
-                steps = setting["eval_steps"]
-                probabilities = single_trial_probabilities(module, batch, steps)
-                scored = {NAMES[method]: probabilities}
-                if method in ENSEMBLES:  # TS+LR + K's probabilities on the same episodes
-                    for e, (support, query) in enumerate(episodes):
-                        model, mine = ts_lr_calibrated(tangent, support, cache)
-                        other = torch.as_tensor(model.predict_proba(mine[query]))
-                        probabilities[e] = (probabilities[e] + other.to(probabilities[e])) / 2
-                for name, p in scored.items():
-                    rows.append({"method": name, "setting": setting, "K": k,
-                                 "accuracies": probability_accuracies(p, batch),
-                                 "skipped_steps": module.nonfinite_steps})  # fmt: skip
-                if method not in ENSEMBLES:  # the former scoring, labelled
-                    lr = args.scratch_lr if method == "scratch" else None
-                    rows.append({"method": NAMES[method] + BATCH_SCORED, "setting": setting,
-                                 "K": k, "accuracies": adapted_accuracies(module, batch, steps, lr),
-                                 "skipped_steps": module.nonfinite_steps})  # fmt: skip
-    return rows
-
-
-def run_stage(
-    folds: list[dict], args, chosen: dict | None, stage: str, methods: list[str]
-) -> list[dict]:
-    """Every method on every fold, each (fold, method) read from its stored result where one
-    with the same settings exists, else computed and stored."""
-    store = Path(args.out) / "folds"
-    store.mkdir(parents=True, exist_ok=True)
-    units = [(fold, method) for fold in folds for method in methods]
-    progress = tqdm(total=len(units), desc=stage, disable=args.no_progress_bar)
-    rows: list[dict] = []
-    cache: dict = {}
-    current = None
-    for fold, method in units:
-        if fold != current:  # one fold's data at a time
-            cache, current = {}, fold
-        settings = candidates(method, args, chosen)
-        path = store / f"{fold_key(fold, method, settings, args)}.json"
-        progress.set_postfix_str(f"subject {fold['test']}, {method}")
-        if path.exists():
-            fold_rows = json.loads(path.read_text())["rows"]
-        else:
-            fold_rows = run_method(fold, method, settings, args, cache)
-            for row in fold_rows:
-                row["subject"] = fold["test"]
-            # a name of this run's own (concurrent runs share the folder), then renamed whole: a
-            # killed run leaves no half-written fold
-            with tempfile.NamedTemporaryFile(
-                "w", dir=store, prefix=path.stem + ".", suffix=".tmp", delete=False
-            ) as temporary:
-                temporary.write(json.dumps({"fold": fold, "method": method, "rows": fold_rows}))
-            mask = os.umask(0o022)
-            os.umask(mask)
-            os.chmod(temporary.name, 0o666 & ~mask)  # as a plain write would (not 0600)
-            os.replace(temporary.name, path)
-        rows += fold_rows
-        progress.update()
-    progress.close()
-    return rows
-
-
-def folds_of(test_subjects: list[int], pool: list[int], fixed_train: list[int] | None) -> list:
-    return [{"test": s, "train": fixed_train or [t for t in pool if t != s]} for s in test_subjects]
-
-
-# ---- selection and summaries ----------------------------------------------------------------
-
-
-#: where a network method not scored in selection takes its settings from
-INHERIT = {
-    "fomaml": "maml", "anil": "maml", "metasgd": "maml", "joint": "maml", "scratch": "joint",
-    "ensemble": "maml",
-}  # fmt: skip
-
-
-def choose(rows: list[dict], args: argparse.Namespace) -> tuple[dict, str]:
-    """Each selected network method's best setting by its mean accuracy over the selection folds
-    at the largest two K (the others take a selected method's, :data:`INHERIT`), and the best
-    selected MAML-family method by the same score."""
-    ks = sorted(args.k_shots)[-2:]
-
-    def score(method: str, setting: dict) -> float:
-        cells = [
-            a
-            for r in rows
-            if r["method"] == NAMES[method] and r["setting"] == setting and r["K"] in ks
-            for a in r["accuracies"]
-        ]
-        return float(np.mean(cells))
-
-    chosen, scores = {}, {}
-    for method in args.selection_methods:
-        chosen[method] = max(candidates(method, args, None), key=lambda s: score(method, s))
-        scores[method] = score(method, chosen[method])
+def choose(study: CalibrationStudy, args: argparse.Namespace) -> tuple[dict, str | None, dict]:
+    """Each selected network method's setting chosen on the selection subjects (the others take
+    a selected method's, :data:`INHERIT`) and the best selected family method."""
+    if not args.selection_subjects:  # fixed in advance: the first value of each
+        return {m: candidates(m, args)[0] for m in args.methods if m in NETWORKS}, None, {}
+    grid = {m: candidates(m, args) for m in args.selection_methods}
+    pool = {}
+    for method, settings in grid.items():
+        pool[method] = [network(method, s, args) for s in settings]
+        for option, s in zip(pool[method], settings):  # each candidate its own row
+            option.name = f"{NAMES[method]} {s}"
+    selection = study.select(pool, args.selection_subjects, workers=args.workers,
+                             worker_setup=quiet_lightning_info)  # fmt: skip
+    chosen = {m: grid[m][pool[m].index(selection.chosen[m])] for m in grid}
     for method in (m for m in args.methods if m in NETWORKS and m not in chosen):
         source = INHERIT.get(method)
         while source is not None and source not in chosen:
             source = INHERIT.get(source)
-        setting = dict(chosen[source]) if source else candidates(method, args, None)[0]
-        if method == "scratch":  # its own number of steps
+        setting = dict(chosen[source]) if source else candidates(method, args)[0]
+        if method == "scratch":
             setting["eval_steps"] = args.scratch_steps
         chosen[method] = setting
-    family = [m for m in args.selection_methods if m in FAMILY]
-    best = max(family, key=lambda m: scores[m]) if family else None
-    return chosen, best
-
-
-def t_interval(values: list[float]) -> tuple[float, float]:
-    a = np.asarray(values, dtype=float)
-    if len(a) < 2:
-        return float(a.mean()), float("nan")
-    return float(a.mean()), float(stats.t.ppf(0.975, len(a) - 1) * a.std(ddof=1) / np.sqrt(len(a)))
-
-
-def summarise(rows: list[dict], args: argparse.Namespace) -> list[dict]:
-    """Per method and K: mean over test subjects of each subject's mean accuracy, t interval."""
-    summary = []
-    for method in dict.fromkeys(r["method"] for r in rows):
-        for k in args.k_shots:
-            cells = sorted((r for r in rows if r["method"] == method and r["K"] == k),
-                           key=lambda r: r["subject"])  # fmt: skip
-            means = [float(np.mean(r["accuracies"])) for r in cells]
-            mean, ci = t_interval(means)
-            summary.append(
-                {
-                    "method": method,
-                    "K": k,
-                    "accuracy": mean,
-                    "ci95_subjects": ci,
-                    "subjects": [r["subject"] for r in cells],
-                    "subject_means": means,
-                }
-            )
-    return summary
-
-
-def differences(summary: list[dict], reference: str, args) -> list[dict]:
-    """Per K, ``reference`` minus each other method, subject by subject: mean and t interval."""
-    out = []
-    for k in args.k_shots:
-        mine = next(s for s in summary if s["method"] == reference and s["K"] == k)
-        for s in summary:
-            if s["K"] != k or s["method"] == reference:
-                continue
-            mean, ci = t_interval(
-                [a - b for a, b in zip(mine["subject_means"], s["subject_means"])]
-            )
-            out.append({"K": k, "versus": s["method"], "difference": mean, "ci95_subjects": ci})
-    return out
-
-
-def interval(value: float) -> str:
-    return "n/a (1 subject)" if np.isnan(value) else f"± {value:.3f}"
-
-
-def markdown(summary, diffs, reference, chosen, args, subjects, rows=()) -> str:
-    columns = [f"K={k}" for k in args.k_shots]
-    accuracy = {
-        m: [
-            f"{s['accuracy']:.3f} {interval(s['ci95_subjects'])}"
-            for s in summary
-            if s["method"] == m
-        ]
-        for m in dict.fromkeys(s["method"] for s in summary)
-    }
-    difference = {
-        v: [
-            f"{d['difference']:+.3f} {interval(d['ci95_subjects'])}"
-            for d in diffs
-            if d["versus"] == v
-        ]
-        for v in dict.fromkeys(d["versus"] for d in diffs)
-    }
-    settings = ", ".join(f"{NAMES[m]}: {s}" for m, s in (chosen or {}).items())
-    skipped = {}
-    for r in rows:
-        if r.get("skipped_steps"):
-            skipped.setdefault(r["method"], {})[r["subject"]] = r["skipped_steps"]
-    skipped_line = "; ".join(
-        f"{m}: {sum(per.values())} in {len(per)} folds" for m, per in skipped.items()
-    )
-    lines = [
-        f"2-way left/right fist imagery, test subjects {subjects}: query accuracy, mean over "
-        f"subjects ± 95% t interval over subjects ({args.episodes} episodes per subject and K); "
-        "chance 0.5.",
-        f"Settings: {settings or 'as given'}.",
-        *(
-            [
-                f"Meta-steps skipped for a non-finite meta-gradient (of {args.meta_steps} per "
-                f"fold): {skipped_line}."
-            ]
-            if skipped
-            else []
-        ),
-        "",
-        *markdown_table("method", columns, accuracy),
-        "",
-        f"{reference} minus each method, subject by subject (mean ± t interval over subjects):",
-        "",
-        *markdown_table("versus", columns, difference),
-    ]
-    return "\n".join(lines)
-
-
-def plot_subjects(summary: list[dict], reference: str, k: int, path: Path) -> None:
-    """Each test subject's accuracy at ``k``: ``reference`` and every other method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cells = [s for s in summary if s["K"] == k]
-    subjects = cells[0]["subjects"]
-    fig, ax = plt.subplots(figsize=(8, 4.2))
-    width = 0.8 / len(cells)
-    for i, s in enumerate(cells):
-        positions = np.arange(len(subjects)) + (i - len(cells) / 2 + 0.5) * width
-        ax.bar(positions, s["subject_means"], width, label=s["method"],
-               edgecolor="black" if s["method"] == reference else None)  # fmt: skip
-    ax.axhline(0.5, color="grey", ls=":")
-    ax.set_xticks(np.arange(len(subjects)), [str(s) for s in subjects])
-    ax.set_xlabel("test subject")
-    ax.set_ylabel(f"query accuracy, K={k}")
-    ax.set_ylim(0.2, 1.0)
-    ax.legend(fontsize=7, ncol=3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    family = [m for m in grid if m in FAMILY]
+    best = max(family, key=lambda m: max(selection.scores[m])) if family else None
+    return chosen, best, {"selection_rows": selection.result.rows, "scores": selection.scores}
 
 
 def main(args: argparse.Namespace) -> None:
@@ -858,57 +360,47 @@ def main(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    chosen, best = None, None
-    # the data folder is this machine's, not the result's: left out
-    report: dict = {"args": {k: v for k, v in vars(args).items() if k != "mne_data"}}
-    if args.selection_subjects:
-        selection = run_stage(
-            folds_of(args.selection_subjects, args.selection_subjects, None),
-            args,
-            None,
-            "selection folds x methods",
-            args.selection_methods,
-        )
-        chosen, best = choose(selection, args)
-        report.update(selection_rows=selection, chosen=chosen, best_family_method=best)
+    study = physionet_study(args)
+    chosen, best, selection = choose(study, args)
+    if selection:
         print(f"chosen on subjects {args.selection_subjects}: {chosen}; best of the family: {best}")
-    else:  # no selection: the first value of each setting
-        chosen = {m: candidates(m, args, None)[0] for m in args.methods if m in NETWORKS}
-    rows = run_stage(
-        folds_of(args.test_subjects, args.subjects, args.train_subjects),
-        args,
-        chosen,
-        "test folds x methods",
-        args.methods,
-    )
+    folds = args.folds if args.train_subjects is None else "loso"
+    result = study.run(methods_of(args, chosen), args.test_subjects, folds, args.train_subjects,
+                       workers=args.workers, worker_setup=quiet_lightning_info)  # fmt: skip
     total = time.perf_counter() - start
     if args.merge:
-        rows += args.merge
-    summary = summarise(rows, args)
+        result = result + StudyResult(args.merge["rows"], args.k_shots)
     family = [NAMES[m] for m in args.methods if m in FAMILY]
-    reference = NAMES[best] if best else (family[0] if family else summary[0]["method"])
     if args.reference is not None:
         reference = NAMES[args.reference]
-    diffs = differences(summary, reference, args)
-    table = markdown(summary, diffs, reference, chosen, args, args.test_subjects, rows)
+    elif "ensemble" in args.methods:
+        reference = NAMES["ensemble"]
+    else:
+        reference = NAMES[best] if best else (family[0] if family else result.methods[0])
+    if reference not in result.methods:
+        raise SystemExit(f"the reference {reference!r} has no rows: add it to --methods")
+    settings = ", ".join(f"{NAMES[m]}: {s}" for m, s in chosen.items())
+    skipped = {r["method"]: 0 for r in result.rows if r.get("skipped_steps")}
+    for r in result.rows:
+        if r.get("skipped_steps"):
+            skipped[r["method"]] += r["skipped_steps"]
+    title = "\n".join(
+        [f"2-way left/right fist imagery, test subjects {args.test_subjects} ({args.folds} "
+         f"folds): query accuracy, each query trial classified alone, mean over subjects ± 95% "
+         f"t interval over subjects ({args.episodes} episodes per subject and K); chance 0.5.",
+         f"Settings: {settings or 'as given'}."]
+        + ([f"Meta-steps skipped for a non-finite meta-gradient: {skipped}."] if skipped else [])
+    )  # fmt: skip
+    table = result.markdown(reference=reference, title=title)
     print("\n" + table)
     (out / "results.md").write_text(table + "\n")
-    plot_accuracy_vs_k(
-        summary,
-        "ci95_subjects",
-        0.5,
-        args.k_shots,
-        (
-            "K (labelled trials per class of the new subject)",
-            "query accuracy (± t interval over subjects)",
-            f"PhysioNet left/right fist imagery, {len(args.test_subjects)} test subjects",
-        ),
-        out / "eeg_accuracy.png",
-        (7.5, 4.5),
-    )
-    plot_subjects(summary, reference, sorted(args.k_shots)[len(args.k_shots) // 2],
-                  out / "eeg_subjects.png")  # fmt: skip
-    report.update(summary=summary, differences=diffs, rows=rows, total_seconds=total)
+    result.plot_accuracy(out / "eeg_accuracy.png", chance=0.5, title=(
+        f"PhysioNet left/right fist imagery, {len(args.test_subjects)} test subjects"))  # fmt: skip
+    result.plot_subjects(out / "eeg_subjects.png", sorted(args.k_shots)[len(args.k_shots) // 2],
+                         reference)  # fmt: skip
+    report = {"args": {k: v for k, v in vars(args).items() if k not in ("mne_data", "merge")},
+              "chosen": chosen, "best_family_method": best, **selection,
+              **result.to_dict(reference), "total_seconds": total}  # fmt: skip
     (out / "results.json").write_text(json.dumps(report, indent=2))
     print(f"\ntotal {total:.0f} s; {out / 'results.md'}, {out / 'eeg_accuracy.png'}")
 
