@@ -10,7 +10,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 #: blocks run by a test of their own
-OWN_TEST = {"docs/calibration.md:0": "tests/test_calibration_guide.py"}
+OWN_TEST = {
+    "docs/calibration.md:0": "tests/test_calibration_guide.py",
+    "docs/eeg.md:2": "tests/test_study.py",  # the PhysioNet study, on 3 subjects
+}
 BLOCKS = {
     f"{page.relative_to(ROOT)}:{index}": code
     for page in PAGES

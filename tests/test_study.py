@@ -3,7 +3,9 @@ study (pyriemann's documented RPA pipeline, a hand-fitted recentred tangent spac
 trial reaching anything fitted, and the study end to end on real PhysioNet subjects."""
 
 import json
+import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -327,3 +329,33 @@ def test_a_subclass_described_alike_does_not_share_its_parents_predictions():
     support, query = calibration_episodes(data[4][1], k=3, episodes=1, seed=5)[0]
     p = fold.predict(RecentredTangentSpace(), 4, support, query)
     np.testing.assert_allclose(fold.predict(Flipped(), 4, support, query), p[:, ::-1])
+
+
+@needs_real_eeg
+def test_the_eeg_guides_physionet_study_runs_as_written_on_three_subjects(tmp_path, monkeypatch):
+    pytest.importorskip("moabb")
+    text = (Path(__file__).parents[1] / "docs" / "eeg.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    block = blocks[2]
+    assert "PhysionetMI" in block and "CalibrationStudy(" in block
+    cut = {
+        "range(1, 20)": "[1, 2, 3]",
+        "episodes=10": "episodes=2",
+        "k_shots=(1, 5, 10)": "k_shots=(1, 5)",
+        "k_shots=[5, 10]": "k_shots=[5]",
+        "folds=5, workers=2": "folds=3, workers=1",  # its functions live in no module here
+        "eval_steps=10)": "eval_steps=2, meta_steps=2)",
+        "inner_steps=0)": "inner_steps=0, meta_steps=2)",
+    }
+    for long, short in cut.items():
+        assert long in block, long
+        block = block.replace(long, short)
+    folder = tmp_path / "mne_data"
+    shutil.copytree(REAL_EEG, folder)
+    for name in ("MNE_DATA", "MNE_DATASETS_EEGBCI_PATH"):
+        monkeypatch.setenv(name, str(folder))
+    monkeypatch.setenv("MOABB_DOWNLOAD_PROVIDER", "upstream")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, "docs/eeg.md", "exec"), {"__name__": "__main__"})
+    assert (tmp_path / "accuracy.png").exists()
+    assert len(list((tmp_path / "outputs" / "study").glob("*.json"))) == 3 * 6
