@@ -380,10 +380,9 @@ def main(args: argparse.Namespace) -> None:
     if reference not in result.methods:
         raise SystemExit(f"the reference {reference!r} has no rows: add it to --methods")
     settings = ", ".join(f"{NAMES[m]}: {s}" for m, s in chosen.items())
-    skipped = {r["method"]: 0 for r in result.rows if r.get("skipped_steps")}
-    for r in result.rows:
-        if r.get("skipped_steps"):
-            skipped[r["method"]] += r["skipped_steps"]
+    skipped: dict[str, int] = {}
+    for r in (r for r in result.rows if r.get("skipped_steps")):
+        skipped[r["method"]] = skipped.get(r["method"], 0) + r["skipped_steps"]
     title = "\n".join(
         [f"2-way left/right fist imagery, test subjects {args.test_subjects} ({args.folds} "
          f"folds): query accuracy, each query trial classified alone, mean over subjects ± 95% "

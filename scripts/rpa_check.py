@@ -39,30 +39,14 @@ from lightning_maml.study import (  # noqa: E402
     calibration_episodes,
     subject_folds,
 )
-from lightning_maml.study.methods import _columns, _covariances, tangent_space_lr  # noqa: E402
 from lightning_maml.study.protocol import Fold  # noqa: E402
 
 
 class WithoutRotation(RiemannianProcrustes):
     """RPA + K with ``TLRotate`` left out: recentred, stretched, tangent space + LR."""
 
-    def predict_proba(self, state, fold, subject, support, query):
-        from pyriemann.transfer import TLCenter, TLClassifier, TLScale, encode_domains
-
-        source_x, source_y, source_domains = state
-        c = _covariances(fold, subject, self.estimator)
-        labels = fold.trials(subject)[1]
-        target = encode_domains(c[support], labels[support], ["target"] * len(support))
-        center, scale = TLCenter("target"), TLScale("target", centered_data=True)
-        stretched = scale.fit_transform(center.fit_transform(*target), target[1])
-        x, y = encode_domains(
-            np.concatenate([source_x, stretched]),
-            np.concatenate([source_y, labels[support]]),
-            np.concatenate([source_domains, ["target"] * len(support)]),
-        )
-        classifier = TLClassifier("target", tangent_space_lr()).fit(x, y)
-        mine = scale.transform(center.transform(c[query]))
-        return _columns(classifier.estimator, fold, classifier.predict_proba(mine))
+    def rotate(self, x_enc, y_enc):
+        return x_enc
 
 
 warnings.filterwarnings("ignore", message="Convergence not reached")

@@ -425,7 +425,7 @@ class RiemannianProcrustes(CalibrationMethod):
         return stretched, y, domains if source is None else np.full(len(y), source)
 
     def predict_proba(self, state, fold, subject, support, query) -> np.ndarray:
-        from pyriemann.transfer import TLCenter, TLClassifier, TLRotate, TLScale, encode_domains
+        from pyriemann.transfer import TLCenter, TLClassifier, TLScale, encode_domains
 
         source_x, source_y, source_domains = state
         c = _covariances(fold, subject, self.estimator)
@@ -440,15 +440,20 @@ class RiemannianProcrustes(CalibrationMethod):
             np.concatenate([source_y, labels[support]]),
             np.concatenate([source_domains, ["target"] * len(support)]),
         )
-        with warnings.catch_warnings():  # TLRotate's optimiser stops at its iteration limit
-            warnings.filterwarnings("ignore", "Convergence not reached")
-            rotated = TLRotate(target_domain="target", metric=self.metric).fit_transform(
-                x_enc, y_enc
-            )
         classifier = TLClassifier(target_domain="target", estimator=tangent_space_lr())
-        classifier.fit(rotated, y_enc)
+        classifier.fit(self.rotate(x_enc, y_enc), y_enc)
         mine = scale.transform(center.transform(c[query]))
         return _columns(classifier.estimator, fold, classifier.predict_proba(mine))
+
+    def rotate(self, x_enc: np.ndarray, y_enc: np.ndarray) -> np.ndarray:
+        """The recentred, stretched matrices of every domain (pyriemann's encoded labels), the
+        source domains rotated to the target's class means (``TLRotate``)."""
+        from pyriemann.transfer import TLRotate
+
+        with warnings.catch_warnings():  # TLRotate's optimiser stops at its iteration limit
+            warnings.filterwarnings("ignore", "Convergence not reached")
+            rotation = TLRotate(target_domain="target", metric=self.metric)
+            return rotation.fit_transform(x_enc, y_enc)
 
 
 class Ensemble(CalibrationMethod):

@@ -441,7 +441,7 @@ class CalibrationStudy:
                 "workers > 1 send the methods to other processes, so they must pickle (networks "
                 f"built by module-level functions, not lambdas or local functions): {error}"
             ) from error
-        todo = [f for f in fold_list if any(self._stored(f, m) is None for m in methods)]
+        todo = [f for f in fold_list if not all(self._path(f, m).exists() for m in methods)]
         if not todo:
             return
         threads = torch.get_num_threads()

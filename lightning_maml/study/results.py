@@ -116,35 +116,20 @@ class StudyResult:
         """The accuracy table (mean over subjects ± 95% t interval) and, with ``reference``, the
         table of its paired differences."""
         columns = [f"K={k}" for k in self.k_shots]
-        summary = self.summary()
 
-        def cells(values: dict[int, str]) -> list[str]:
-            return [values.get(k, "—") for k in self.k_shots]
+        def rows(entries: list[dict], name: str, value: str) -> dict[str, list[str]]:
+            """Per ``entry[name]``, a cell per K: ``entry[value]`` (``"+.3f"`` for differences)
+            and its interval; "—" where it was not scored."""
+            cells: dict[str, dict[int, str]] = {}
+            for e in entries:
+                number = f"{e[value]:+.3f}" if value == "difference" else f"{e[value]:.3f}"
+                cells.setdefault(e[name], {})[e["K"]] = f"{number} {_interval(e['ci95_subjects'])}"
+            return {n: [c.get(k, "—") for k in self.k_shots] for n, c in cells.items()}
 
-        accuracy = {
-            m: cells(
-                {
-                    s["K"]: f"{s['accuracy']:.3f} {_interval(s['ci95_subjects'])}"
-                    for s in summary
-                    if s["method"] == m
-                }
-            )  # fmt: skip
-            for m in self.methods
-        }
         lines = [title, ""] if title else []
-        lines += _table("method", columns, accuracy)
+        lines += _table("method", columns, rows(self.summary(), "method", "accuracy"))
         if reference is not None:
-            diffs = self.differences(reference)
-            versus = {
-                v: cells(
-                    {
-                        d["K"]: f"{d['difference']:+.3f} {_interval(d['ci95_subjects'])}"
-                        for d in diffs
-                        if d["versus"] == v
-                    }
-                )  # fmt: skip
-                for v in dict.fromkeys(d["versus"] for d in diffs)
-            }
+            versus = rows(self.differences(reference), "versus", "difference")
             lines += ["", f"{reference} minus each method, subject by subject "
                       "(mean ± 95% t interval over subjects):", ""]  # fmt: skip
             lines += _table("versus", columns, versus)
